@@ -1,0 +1,122 @@
+"""The study runner and the `skindiff` command: skipping, resuming after SIGKILL, failures, bad input.
+These use small stand-in notebooks with the chapters' names (the real chapters run in CI's study step)."""
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from skindiff import study
+from skindiff.cli import main, EXIT_USAGE, EXIT_FAILED
+
+CHAPTER_SRC = '''
+import time, matplotlib.pyplot as plt
+from skindiff.study import ChapterRun
+run = ChapterRun(NAME, out_dir=out_dir, profile=profile, seed=seed, device=device)
+time.sleep(sleep_s)
+if fail: raise RuntimeError("boom in " + NAME)
+run.record("twice_seed", 2 * seed, unit="")
+fig, ax = plt.subplots(); ax.plot([0, 1]); ax.set_xlabel("x"); ax.set_ylabel("y")
+run.save_figure(fig, NAME + "_line")
+'''
+
+def make_nbs(d: Path, sleep_s=0.0, fail=()):
+    d.mkdir(parents=True, exist_ok=True)
+    for c in study.CHAPTERS:
+        nb = nbformat.v4.new_notebook()
+        params = nbformat.v4.new_code_cell(f'profile = "ci"\nout_dir = None\ndata_root = None\ndevice = None\nseed = 0\n'
+                                           f'sleep_s = {sleep_s}\nfail = {c.name in fail}')
+        params.metadata["tags"] = ["parameters"]
+        nb.cells = [params, nbformat.v4.new_code_cell(f"NAME = {c.name!r}" + CHAPTER_SRC)]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, d/f"{c.name}.ipynb")
+    return d
+
+SKINDIFF = str(Path(sys.executable).parent/"skindiff")       # the console script installed beside this Python
+
+def cli(*args, **kw):
+    return subprocess.run([SKINDIFF, *args], capture_output=True, text=True, timeout=600, **kw)
+
+def test_unknown_profile_is_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path/"run"
+    assert main(["study", "--profile", "laptop", "--out", str(out)]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["skindiff: error: --profile 'laptop': expected one of ci, cpu, gpu"]
+    assert not out.exists()
+
+def test_missing_data_root(tmp_path, capsys):
+    out = tmp_path/"run"
+    assert main(["study", "--profile", "ci", "--out", str(out), "--data", str(tmp_path/"nowhere")]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nowhere" in err
+    assert not out.exists()
+
+def test_out_dir_not_writable(tmp_path, capsys):
+    f = tmp_path/"a_file"; f.write_text("x")
+    assert main(["study", "--profile", "ci", "--out", str(f/"run")]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file" in err
+    assert main(["study", "--profile", "ci", "--out", str(f)]) == EXIT_USAGE
+    assert "not a directory" in capsys.readouterr().err
+
+def test_unknown_chapter(tmp_path, capsys):
+    assert main(["study", "--out", str(tmp_path/"r"), "--only", "99_nope"]) == EXIT_USAGE
+    assert "--only '99_nope'" in capsys.readouterr().err
+
+def test_run_skip_and_rerun_on_new_parameters(tmp_path):
+    nbs = make_nbs(tmp_path/"nbs")
+    out = tmp_path/"run"
+    r = cli("study", "--profile", "ci", "--out", str(out), "--nbs", str(nbs), "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    names = [c.name for c in study.CHAPTERS]
+    for n in names:
+        assert (out/"notebooks"/f"{n}.ipynb").exists()
+        assert (out/"figures"/f"{n}_line.png").exists() and (out/"figures"/f"{n}_line.pdf").exists()
+    results = json.loads((out/"results.json").read_text())
+    assert [r_["chapter"] for r_ in results] == names
+    for rec in results:
+        assert rec["value"] == 6 and rec["seed"] == 3 and rec["profile"] == "ci" and rec["device"] == "cpu"
+        assert {"git_commit", "wall_s"} <= rec.keys()
+    assert (out/"README.md").read_text().count("| done |") == len(names)
+    mtimes = {n: (out/"notebooks"/f"{n}.ipynb").stat().st_mtime_ns for n in names}
+    r = cli("study", "--profile", "ci", "--out", str(out), "--nbs", str(nbs), "--seed", "3")
+    assert r.returncode == 0 and r.stdout.count("[skip]") == len(names), r.stdout
+    assert mtimes == {n: (out/"notebooks"/f"{n}.ipynb").stat().st_mtime_ns for n in names}
+    r = cli("study", "--profile", "ci", "--out", str(out), "--nbs", str(nbs), "--seed", "4")
+    assert r.returncode == 0 and r.stdout.count("[done]") == len(names), r.stdout
+    assert {rec["value"] for rec in json.loads((out/"results.json").read_text())} == {8}
+
+def test_sigkill_mid_study_then_rerun_skips_finished_chapters(tmp_path):
+    nbs = make_nbs(tmp_path/"nbs", sleep_s=3.0)
+    out = tmp_path/"run"
+    first = study.CHAPTERS[0].name
+    p = subprocess.Popen([SKINDIFF, "study", "--profile", "ci", "--out", str(out), "--nbs", str(nbs)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    state = out/".state"/f"{first}.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if state.exists() and json.loads(state.read_text()).get("status") == "done": break
+        time.sleep(0.1)
+    time.sleep(1.0)                                   # the second chapter is now running
+    os.killpg(p.pid, signal.SIGKILL); p.wait(30)
+    done_before = {n.stem for n in (out/".state").glob("*.json") if json.loads(n.read_text())["status"] == "done"}
+    assert first in done_before and len(done_before) < len(study.CHAPTERS), "the kill must land mid-run"
+    mtime = (out/"notebooks"/f"{first}.ipynb").stat().st_mtime_ns
+    r = cli("study", "--profile", "ci", "--out", str(out), "--nbs", str(nbs))
+    assert r.returncode == 0, r.stderr
+    assert f"[skip] {first}" in r.stdout
+    assert (out/"notebooks"/f"{first}.ipynb").stat().st_mtime_ns == mtime
+    assert not list((out/"notebooks").glob(".*running*")), "no half-written notebook is left"
+    assert len(json.loads((out/"results.json").read_text())) == len(study.CHAPTERS)
+
+def test_failing_chapter_exits_nonzero_and_keeps_its_notebook(tmp_path):
+    bad = study.CHAPTERS[1].name
+    nbs = make_nbs(tmp_path/"nbs", fail=(bad,))
+    out = tmp_path/"run"
+    r = cli("study", "--profile", "ci", "--out", str(out), "--nbs", str(nbs))
+    assert r.returncode == EXIT_FAILED
+    assert f"chapter {bad} failed" in r.stderr and "boom in" in r.stderr
+    nb = nbformat.read(out/"notebooks"/f"{bad}.ipynb", as_version=4)
+    assert any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))
+    assert json.loads((out/".state"/f"{bad}.json").read_text())["status"] == "failed"
+    assert "| failed |" in (out/"README.md").read_text()
