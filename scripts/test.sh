@@ -27,7 +27,7 @@ export SKINDIFF_CACHE="${SKINDIFF_CACHE:-$HOME/.cache/skindiff}"
 export_check() { nbdev-export && git diff --exit-code -- skindiff && test -z "$(git status --porcelain -- skindiff)"; }
 clean_check() { nbdev-clean && git diff --exit-code -- nbs; }
 readme_check() { python scripts/make_readme.py --check; }
-nb_test() { nbdev-test --n_workers 1 --timing; }
+nb_test() { nbdev-test --n-workers 1 --timing; }
 study_ci() { local d; d=$(mktemp -d); skindiff study --profile ci --out "$d/ci" && ls "$d/ci/figures" && rm -rf "$d"; }
 pytests() { python -m pytest -q; }
 
