@@ -257,7 +257,7 @@ class MnistEvaluator:
         n = len(x)
         hist = np.bincount(probs.argmax(1), minlength=N_CLASSES)
         p = hist / n
-        entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+        entropy = max(0.0, float(-(p[p > 0] * np.log(p[p > 0])).sum()))    # max: no -0.0 for one class
         p_y = probs.mean(0)
         kl = (probs * (np.log(np.clip(probs, 1e-30, None)) - np.log(np.clip(p_y, 1e-30, None)))).sum(1)
         out = dict(n=n, mean_confidence=float(probs.max(1).mean()), class_histogram=hist.tolist(),
