@@ -4,6 +4,7 @@ Modules:
 
 - `skindiff.ddpm`: The denoising objective L_simple (eq 2.5) with ε, x0 or v targets, label dropout for classifier-free guidance, and converters between the three parameterisations.
 - `skindiff.evaluator`: A Fréchet distance that is exact for singular covariances (eq 2.15), a small MNIST classifier trained once and cached, and `MnistEvaluator`: confidence, class balance and classifier-FID of a batch of samples.
+- `skindiff.mnist_ddpm`: The course's first real result: train the U-Net with L_simple (eq 2.5) and watch ancestral sampling (eqs 2.3–2.4) turn noise into digits. This completes the proposal's Fig 3.1 (f, g).
 - `skindiff.samplers`: One sampler interface for every chapter: samplers take a noise-prediction *function* eps_fn(x_t, t), report the exact number of function evaluations (NFE), and are picked by name from a registry.
 - `skindiff.study`: `skindiff study --profile ci|cpu|gpu --out runs/NAME`: every chapter, executed with papermill, every number with its provenance.
 - `skindiff.train`: One loop for every model in the course: seeded, EMA, gradient clipping, AMP on CUDA, atomic checkpoints, exact resume.

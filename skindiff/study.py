@@ -20,8 +20,8 @@ from .core import (SkindiffError, ConfigError, atomic_write_json, atomic_write_t
 from . import viz
 
 # %% auto #0
-__all__ = ['CHAPTERS', 'PROFILES', 'ChapterRun', 'Chapter', 'StudyError', 'chapter_names', 'notebooks_dir', 'plan_study',
-           'write_summary', 'run_study']
+__all__ = ['CHAPTERS', 'MNIST_DDPM_CPU', 'MNIST_DDPM_GPU', 'PROFILES', 'ChapterRun', 'Chapter', 'StudyError', 'chapter_names',
+           'notebooks_dir', 'plan_study', 'write_summary', 'run_study']
 
 # %% ../nbs/90_study.ipynb #e28ef888
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -72,9 +72,10 @@ class ChapterRun:
         if self.out_dir is None: return None
         return atomic_savez(self.out_dir/"samples"/f"{dataset}_{sampler}_{int(nfe)}.npz", **arrays)
 
-    def checkpoint_dir(self, name: str = "model") -> Path | None:
-        "Where this chapter's training named `name` keeps its checkpoints (None without `out_dir`)."
-        return None if self.out_dir is None else self.out_dir/"checkpoints"/self.chapter/name
+    def checkpoint_dir(self, name: str = "model", chapter: str | None = None) -> Path | None:
+        """Where the training named `name` of this chapter (or of an earlier `chapter`, whose model this one reuses)
+        keeps its checkpoints; None without `out_dir`."""
+        return None if self.out_dir is None else self.out_dir/"checkpoints"/(chapter or self.chapter)/name
 
     def path(self, *parts: str) -> Path | None:
         "A path under the run directory for other artefacts (None without `out_dir`)."
@@ -91,12 +92,43 @@ CHAPTERS: list[Chapter] = [
     Chapter("01_data", needs=("MNIST/raw", "cifar10/cifar10-jpg.tar.gz")),
     Chapter("02_forward_process", needs=("MNIST/raw",)),
     Chapter("03_train", needs=("MNIST/raw",)),
+    Chapter("04_unet"),
+    Chapter("05_mnist_evaluator", needs=("MNIST/raw",)),
+    Chapter("06_ddpm"),
+    Chapter("07_samplers"),
+    Chapter("08_ddpm_mnist", needs=("MNIST/raw",)),
+    Chapter("09_ddim_mnist", needs=("MNIST/raw",)),
 ]
 
+# The MNIST DDPM recipe is shared by chapters 08 and 09 (09 reuses 08's checkpoint, so they must agree).
+MNIST_DDPM_CPU = dict(train_steps=3000, batch_size=128, lr=1e-3, warmup_steps=200, ema_decay=0.995, base_channels=32,
+                      ddpm_nfe=1000, variance="beta")
+MNIST_DDPM_GPU = dict(MNIST_DDPM_CPU, train_steps=20000, base_channels=64, ema_decay=0.9995)
+
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "ci":  {"01_data": {}, "02_forward_process": {}, "03_train": {}},
-    "cpu": {"01_data": {}, "02_forward_process": {"n_digits": 8}, "03_train": {"steps": 300}},
-    "gpu": {"01_data": {}, "02_forward_process": {"n_digits": 8}, "03_train": {"steps": 1000}},
+    "ci": {},                                   # the notebooks' own defaults
+    "cpu": {
+        "02_forward_process": {"n_digits": 8},
+        "03_train": {"steps": 300},
+        "04_unet": {"time_batch": 128, "time_iters": 3},
+        "05_mnist_evaluator": {"n_eval": 10000},
+        "06_ddpm": {"toy_steps": 1000},
+        "07_samplers": {"n_samples": 20000},
+        "08_ddpm_mnist": {**MNIST_DDPM_CPU, "n_samples": 500, "sample_batch": 250, "min_confidence": 0.90, "min_entropy_ratio": 0.97},
+        "09_ddim_mnist": {**MNIST_DDPM_CPU, "nfes": [10, 20, 50, 100, 1000], "n_eval": 500, "sample_batch": 250,
+                          "max_ddim50_ratio": 1.25},
+    },
+    "gpu": {
+        "02_forward_process": {"n_digits": 8},
+        "03_train": {"steps": 1000},
+        "04_unet": {"time_batch": 128, "time_iters": 10},
+        "05_mnist_evaluator": {"n_eval": 10000},
+        "06_ddpm": {"toy_steps": 1000},
+        "07_samplers": {"n_samples": 20000},
+        "08_ddpm_mnist": {**MNIST_DDPM_GPU, "n_samples": 10000, "sample_batch": 1000, "min_confidence": 0.90, "min_entropy_ratio": 0.97},
+        "09_ddim_mnist": {**MNIST_DDPM_GPU, "nfes": [10, 20, 50, 100, 1000], "n_eval": 10000, "sample_batch": 1000,
+                          "max_ddim50_ratio": 1.25},
+    },
 }
 
 # %% ../nbs/90_study.ipynb #4d73a9cb
