@@ -172,6 +172,19 @@ def _data_len(data) -> int:
         return n
     return len(data)
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict): out.update(_flatten(v, f"{prefix}{k}."))
+        else: out[f"{prefix}{k}"] = v
+    return out
+
+def _meta_diff(theirs: dict, ours: dict) -> str:
+    "The keys where two metadata dicts differ, as 'key: A in the checkpoint, B here'."
+    a, b = _flatten(theirs), _flatten(ours)
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    return "; ".join(f"{k}: {a.get(k, '<absent>')!r} in the checkpoint, {b.get(k, '<absent>')!r} here" for k in keys)
+
 def _check_resumable(ck: dict, path: Path, cfg: TrainConfig, meta: dict) -> None:
     old = ck.get("config", {})
     diff = {k: (old.get(k), v) for k, v in cfg.to_dict().items()
@@ -181,7 +194,8 @@ def _check_resumable(ck: dict, path: Path, cfg: TrainConfig, meta: dict) -> None
                               + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
                               + ". Use another checkpoint folder, or the same settings.")
     if ck.get("meta", {}) != meta:
-        raise CheckpointError(f"checkpoint {path} belongs to {ck.get('meta')!r}, not to {meta!r}")
+        raise CheckpointError(f"checkpoint {path} belongs to another model or dataset: {_meta_diff(ck.get('meta', {}), meta)}. "
+                              "Use another checkpoint folder.")
 
 def train(model: nn.Module, loss_fn: Callable[[nn.Module, tuple, torch.Generator], torch.Tensor], data,
           cfg: TrainConfig, ckpt_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
@@ -256,10 +270,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, use_ema: bool = True
     "Load the (EMA) weights of a training checkpoint into `model`; `meta`, when given, must match the checkpoint's."
     ck = load_checkpoint(path, map_location)
     if meta is not None:
-        theirs = ck.get("meta", {})
-        diff = {k: (theirs.get(k), v) for k, v in meta.items() if theirs.get(k) != v}
-        if diff: raise CheckpointError(f"checkpoint {path} was trained for " + ", ".join(f"{k}={a!r}" for k, (a, _) in diff.items())
-                                       + " but this model is for " + ", ".join(f"{k}={b!r}" for k, (_, b) in diff.items()))
+        theirs = {k: v for k, v in ck.get("meta", {}).items() if k in meta}
+        if theirs != meta: raise CheckpointError(f"checkpoint {path} was trained for another model or dataset: {_meta_diff(theirs, meta)}")
     try: model.load_state_dict(ck["ema" if use_ema else "model"])
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not fit {type(model).__name__}: {str(e).splitlines()[0]}") from None

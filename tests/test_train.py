@@ -85,7 +85,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     train(_tiny(), _mse, _data(), TrainConfig(steps=2, batch_size=16, lr=1e-3), ckpt_dir=tmp_path, progress=False)
     with pytest.raises(CheckpointError, match=r"lr: 0.001 there, 0.01 now"):
         train(_tiny(), _mse, _data(), TrainConfig(steps=4, batch_size=16, lr=1e-2), ckpt_dir=tmp_path, progress=False)
-    with pytest.raises(CheckpointError, match="belongs to"):
+    with pytest.raises(CheckpointError, match=r"model: '<absent>' in the checkpoint, 'other' here"):
         train(_tiny(), _mse, _data(), TrainConfig(steps=4, batch_size=16, lr=1e-3), ckpt_dir=tmp_path, progress=False, meta=dict(model="other"))
 
 def test_load_weights_checks_model_and_meta(tmp_path):
@@ -93,7 +93,7 @@ def test_load_weights_checks_model_and_meta(tmp_path):
                 meta=dict(model="linear", dataset="synthetic"))
     m = load_weights(_tiny(1), res.checkpoint, meta=dict(model="linear"))
     assert torch.equal(m.weight, res.ema.weight)
-    with pytest.raises(CheckpointError, match="dataset='synthetic'.*dataset='mnist'"):
+    with pytest.raises(CheckpointError, match="dataset: .synthetic. in the checkpoint, .mnist. here"):
         load_weights(_tiny(), res.checkpoint, meta=dict(dataset="mnist"))
     with pytest.raises(CheckpointError, match="does not fit"):
         load_weights(nn.Linear(5, 1), res.checkpoint)
