@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .core import get_device
+from .core import ConfigError, get_device
 from .data import load_mnist, to_model_range, pad_images
 from .schedules import NoiseSchedule, get_schedule
 from .unet import UNet, unet_preset
@@ -22,10 +22,10 @@ from .train import TrainConfig, TrainResult, train
 from .samplers import SampleResult, eps_fn_from_model, sample
 
 # %% auto #0
-__all__ = ['MNIST_PAD', 'MnistDDPMConfig', 'mnist_training_images', 'train_mnist_ddpm', 'sample_images']
+__all__ = ['MNIST_SIZE', 'MnistDDPMConfig', 'mnist_training_images', 'train_mnist_ddpm', 'sample_images']
 
 # %% ../nbs/08_ddpm_mnist.ipynb #f1fe6cf6
-MNIST_PAD = 2                      # 28 + 2·2 = 32 pixels
+MNIST_SIZE = 28
 
 @dataclasses.dataclass
 class MnistDDPMConfig:
@@ -39,25 +39,34 @@ class MnistDDPMConfig:
     ema_decay: float = 0.995
     grad_clip: float = 1.0
     base_channels: int = 32
+    image_size: int = MNIST_SIZE       # 28 (native) or 32 (padded by 2 px)
     schedule: str = "linear"
     T: int = 1000
     prediction: str = "eps"
     seed: int = 0
 
-    def unet_config(self): return unet_preset("mnist", base_channels=self.base_channels)
+    def __post_init__(self):
+        if self.image_size not in (MNIST_SIZE, MNIST_SIZE + 4):
+            raise ConfigError(f"image_size={self.image_size}: expected {MNIST_SIZE} (native) or {MNIST_SIZE + 4} (padded)")
+    @property
+    def pad(self) -> int: return (self.image_size - MNIST_SIZE) // 2
+    def unet_config(self):
+        "The mnist preset at this image size (self-attention at the lowest resolution, image_size / 4)."
+        return unet_preset("mnist", base_channels=self.base_channels, image_size=self.image_size,
+                           attention_resolutions=(self.image_size // 4,))
     def train_config(self) -> TrainConfig:
         return TrainConfig(steps=self.train_steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
                            lr_schedule=self.lr_schedule, min_lr_ratio=self.min_lr_ratio, ema_decay=self.ema_decay,
                            grad_clip=self.grad_clip, ckpt_every=max(1, min(500, self.train_steps // 4)), seed=self.seed)
     def meta(self) -> dict:
         "What a checkpoint of this model must match (architecture, data, schedule, objective)."
-        return dict(model="unet-mnist", unet=self.unet_config().to_dict(), dataset="mnist", pad=MNIST_PAD,
+        return dict(model="unet-mnist", unet=self.unet_config().to_dict(), dataset="mnist", pad=self.pad,
                     schedule=self.schedule, T=self.T, prediction=self.prediction)
 
-def mnist_training_images(data=None) -> Tensor:
-    "MNIST train as float N×1×32×32 in [-1, 1] (padded with the background value)."
+def mnist_training_images(data=None, pad: int = 0) -> Tensor:
+    "MNIST train as float N×1×(28+2·pad)² in [-1, 1] (padded with the background value, −1)."
     x, _ = load_mnist("train", data=data)
-    return pad_images(to_model_range(x), MNIST_PAD, value=-1.0)
+    return pad_images(to_model_range(x), pad, value=-1.0)
 
 def train_mnist_ddpm(cfg: MnistDDPMConfig, data=None, ckpt_dir: str | os.PathLike | None = None,
                      device: str | None = None, progress: bool = True) -> tuple[TrainResult, NoiseSchedule]:
@@ -67,7 +76,7 @@ def train_mnist_ddpm(cfg: MnistDDPMConfig, data=None, ckpt_dir: str | os.PathLik
     torch.manual_seed(cfg.seed)
     model = UNet(cfg.unet_config())
     if dev.type == "cpu": model = model.to(memory_format=torch.channels_last)
-    res = train(model, make_ddpm_loss(schedule, prediction=cfg.prediction), (mnist_training_images(data),),
+    res = train(model, make_ddpm_loss(schedule, prediction=cfg.prediction), (mnist_training_images(data, cfg.pad),),
                 cfg.train_config(), ckpt_dir=ckpt_dir, device=dev, meta=cfg.meta(), progress=progress, desc="DDPM on MNIST")
     return res, schedule
 
