@@ -17,7 +17,7 @@ from .schedules import NoiseSchedule, extract
 
 # %% auto #0
 __all__ = ['PREDICTIONS', 'check_prediction', 'check_output_shape', 'model_output_to_eps', 'model_output_to_x0', 'velocity',
-           'training_target', 'drop_labels', 'call_model', 'ddpm_loss', 'make_ddpm_loss']
+           'training_target', 'min_snr_weight', 'drop_labels', 'call_model', 'ddpm_loss', 'make_ddpm_loss']
 
 # %% ../nbs/06_ddpm.ipynb #d463325b
 PREDICTIONS = ("eps", "x0", "v")   # what a network may be trained to output
@@ -66,7 +66,16 @@ def training_target(x0: Tensor, eps: Tensor, t: Tensor, schedule: NoiseSchedule,
     check_prediction(prediction)
     return eps if prediction == "eps" else x0 if prediction == "x0" else velocity(x0, eps, t, schedule)
 
-# %% ../nbs/06_ddpm.ipynb #15c62b83
+# %% ../nbs/06_ddpm.ipynb #b3bb7812
+def min_snr_weight(schedule: NoiseSchedule, t: Tensor, gamma: float, prediction: str = "eps") -> Tensor:
+    "Per-example loss weights (B,) of min-SNR-γ (Hang et al. 2023) for steps `t` and the given target."
+    check_prediction(prediction)
+    ab = schedule.alpha_bar.to(t.device)[t].float()
+    snr = ab / (1 - ab)
+    clamped = snr.clamp(max=float(gamma))
+    return {"eps": clamped / snr, "v": clamped / (snr + 1), "x0": clamped}[prediction]
+
+# %% ../nbs/06_ddpm.ipynb #c9738cd1
 def drop_labels(y: Tensor, p_uncond: float, null_class: int | None, generator: torch.Generator | None = None) -> Tensor:
     "Replace each label of `y` (B,) by `null_class` with probability `p_uncond` (for classifier-free guidance)."
     if not 0 <= p_uncond <= 1: raise ConfigError(f"p_uncond: expected a probability in [0, 1], got {p_uncond}")
@@ -82,10 +91,10 @@ def call_model(eps_model: Callable, x_t: Tensor, t: Tensor, y: Tensor | None = N
 
 def ddpm_loss(eps_model: Callable, x0: Tensor, schedule: NoiseSchedule, generator: torch.Generator | None = None,
               y: Tensor | None = None, prediction: str = "eps", p_uncond: float = 0.0,
-              null_class: int | None = None) -> Tensor:
+              null_class: int | None = None, min_snr_gamma: float | None = None) -> Tensor:
     """L_simple (eq 2.5): mean squared error between the network output and its target (ε, x0 or v) at a
     random step t ~ U{0..T−1} and noise ε ~ N(0, I), both drawn with `generator`. x0: (B, …); y: (B,) or None.
-    Returns a scalar."""
+    `min_snr_gamma` weights each example by `min_snr_weight` (None: unweighted, eq 2.5 exactly). Returns a scalar."""
     check_prediction(prediction)
     if not isinstance(x0, Tensor) or x0.ndim < 2 or len(x0) == 0:
         raise ConfigError(f"x0: expected a non-empty batch tensor (B, …), got {getattr(x0, 'shape', type(x0).__name__)}")
@@ -100,19 +109,22 @@ def ddpm_loss(eps_model: Callable, x0: Tensor, schedule: NoiseSchedule, generato
     out = call_model(eps_model, x_t, t, y)
     check_output_shape(out, x0.shape)
     target = training_target(x0, eps, t, schedule, prediction)
-    return (out.float() - target.float()).pow(2).mean()
+    if min_snr_gamma is None: return (out.float() - target.float()).pow(2).mean()
+    per_example = (out.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (min_snr_weight(schedule, t, min_snr_gamma, prediction) * per_example).mean()
 
 def make_ddpm_loss(schedule: NoiseSchedule, prediction: str = "eps", p_uncond: float = 0.0,
-                   null_class: int | None = None) -> Callable[[nn.Module, tuple, torch.Generator], Tensor]:
+                   null_class: int | None = None, min_snr_gamma: float | None = None) -> Callable[[nn.Module, tuple, torch.Generator], Tensor]:
     "A `loss_fn(model, batch, generator)` for `skindiff.train.train`; batch is (x0,) or (x0, y)."
     check_prediction(prediction)
     if not 0 <= p_uncond <= 1: raise ConfigError(f"p_uncond: expected a probability in [0, 1], got {p_uncond}")
     if p_uncond > 0 and null_class is None: raise ConfigError("null_class: needed when p_uncond > 0")
+    if min_snr_gamma is not None and not min_snr_gamma > 0: raise ConfigError(f"min_snr_gamma: expected γ > 0 or None, got {min_snr_gamma}")
     on_device = {}                                   # the schedule, copied once per device
     def loss_fn(model: nn.Module, batch: tuple, generator: torch.Generator) -> Tensor:
         if not 1 <= len(batch) <= 2: raise ConfigError(f"batch: expected (x0,) or (x0, y), got {len(batch)} tensors")
         dev = batch[0].device
         if dev not in on_device: on_device[dev] = schedule.to(dev)
         return ddpm_loss(model, batch[0], on_device[dev], generator, y=batch[1] if len(batch) == 2 else None,
-                         prediction=prediction, p_uncond=p_uncond, null_class=null_class)
+                         prediction=prediction, p_uncond=p_uncond, null_class=null_class, min_snr_gamma=min_snr_gamma)
     return loss_fn

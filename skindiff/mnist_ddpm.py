@@ -30,13 +30,14 @@ MNIST_SIZE = 28
 @dataclasses.dataclass
 class MnistDDPMConfig:
     "Everything that defines the MNIST DDPM: model, schedule, objective and optimisation."
-    train_steps: int = 3000
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup_steps: int = 200
+    train_steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 100
     lr_schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     ema_decay: float = 0.995
+    min_snr_gamma: float | None = 5.0
     grad_clip: float = 1.0
     base_channels: int = 32
     image_size: int = MNIST_SIZE       # 28 (native) or 32 (padded by 2 px)
@@ -61,7 +62,7 @@ class MnistDDPMConfig:
     def meta(self) -> dict:
         "What a checkpoint of this model must match (architecture, data, schedule, objective)."
         return dict(model="unet-mnist", unet=self.unet_config().to_dict(), dataset="mnist", pad=self.pad,
-                    schedule=self.schedule, T=self.T, prediction=self.prediction)
+                    schedule=self.schedule, T=self.T, prediction=self.prediction, min_snr_gamma=self.min_snr_gamma)
 
 def mnist_training_images(data=None, pad: int = 0) -> Tensor:
     "MNIST train as float N×1×(28+2·pad)² in [-1, 1] (padded with the background value, −1)."
@@ -76,7 +77,7 @@ def train_mnist_ddpm(cfg: MnistDDPMConfig, data=None, ckpt_dir: str | os.PathLik
     torch.manual_seed(cfg.seed)
     model = UNet(cfg.unet_config())
     if dev.type == "cpu": model = model.to(memory_format=torch.channels_last)
-    res = train(model, make_ddpm_loss(schedule, prediction=cfg.prediction), (mnist_training_images(data, cfg.pad),),
+    res = train(model, make_ddpm_loss(schedule, prediction=cfg.prediction, min_snr_gamma=cfg.min_snr_gamma), (mnist_training_images(data, cfg.pad),),
                 cfg.train_config(), ckpt_dir=ckpt_dir, device=dev, meta=cfg.meta(), progress=progress, desc="DDPM on MNIST")
     return res, schedule
 

@@ -101,9 +101,9 @@ CHAPTERS: list[Chapter] = [
 ]
 
 # The MNIST DDPM recipe is shared by chapters 08 and 09 (09 reuses 08's checkpoint, so they must agree).
-MNIST_DDPM_CPU = dict(train_steps=3000, batch_size=128, lr=1e-3, warmup_steps=200, ema_decay=0.995, base_channels=32,
-                      ddpm_nfe=1000, variance="beta")
-MNIST_DDPM_GPU = dict(MNIST_DDPM_CPU, train_steps=20000, base_channels=64, ema_decay=0.9995)
+MNIST_DDPM_CPU = dict(train_steps=2000, batch_size=64, lr=2e-3, warmup_steps=100, ema_decay=0.995, min_snr_gamma=5.0,
+                      base_channels=32, image_size=28, ddpm_nfe=1000, variance="beta")
+MNIST_DDPM_GPU = dict(MNIST_DDPM_CPU, train_steps=20000, batch_size=128, lr=1e-3, base_channels=64, ema_decay=0.9995)
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "ci": {},                                   # the notebooks' own defaults
@@ -114,8 +114,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "05_mnist_evaluator": {"n_eval": 10000},
         "06_ddpm": {"toy_steps": 1000},
         "07_samplers": {"n_samples": 20000},
-        "08_ddpm_mnist": {**MNIST_DDPM_CPU, "n_samples": 500, "sample_batch": 250, "min_confidence": 0.90, "min_entropy_ratio": 0.97},
-        "09_ddim_mnist": {**MNIST_DDPM_CPU, "nfes": [10, 20, 50, 100, 1000], "n_eval": 500, "sample_batch": 250,
+        "08_ddpm_mnist": {**MNIST_DDPM_CPU, "n_samples": 256, "sample_batch": 128, "min_confidence": 0.90, "min_entropy_ratio": 0.97},
+        "09_ddim_mnist": {**MNIST_DDPM_CPU, "nfes": [10, 20, 50, 100, 1000], "n_eval": 256, "sample_batch": 128,
                           "max_ddim50_ratio": 1.25},
     },
     "gpu": {

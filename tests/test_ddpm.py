@@ -93,3 +93,23 @@ def test_bad_input():
     with pytest.raises(ConfigError, match="p_uncond"): make_ddpm_loss(sch, p_uncond=1.5)
     with pytest.raises(ConfigError, match="null_class"): make_ddpm_loss(sch, p_uncond=0.1)
     with pytest.raises(ConfigError, match="batch"): make_ddpm_loss(sch)(lambda x, t: x, (x0, x0, x0), None)
+
+
+def test_min_snr_weighting():
+    from skindiff.ddpm import min_snr_weight, ddpm_loss
+    from skindiff.schedules import get_schedule
+    sch = get_schedule("linear")
+    t = torch.arange(0, 1000, 37)
+    ab = sch.alpha_bar[t].float(); snr = ab / (1 - ab)
+    assert torch.allclose(min_snr_weight(sch, t, 5.0, "eps"), torch.clamp(snr, max=5) / snr)
+    assert torch.allclose(min_snr_weight(sch, t, 5.0, "x0"), torch.clamp(snr, max=5))
+    assert torch.allclose(min_snr_weight(sch, t, 5.0, "v"), torch.clamp(snr, max=5) / (snr + 1))
+    # with a huge gamma the ε weights are all 1: the weighted loss equals eq 2.5
+    model = lambda x, t: 0.5 * x
+    x0 = torch.randn(16, 1, 4, 4)
+    a = ddpm_loss(model, x0, sch, torch.Generator().manual_seed(0))
+    b = ddpm_loss(model, x0, sch, torch.Generator().manual_seed(0), min_snr_gamma=1e12)
+    assert torch.allclose(a, b)
+    with pytest.raises(ConfigError, match="min_snr_gamma"):
+        from skindiff.ddpm import make_ddpm_loss
+        make_ddpm_loss(sch, min_snr_gamma=0)
