@@ -8,7 +8,6 @@ Docs: https://skindiff.github.io/skindiff/ddpm_mnist.html.md"""
 # %% ../nbs/08_ddpm_mnist.ipynb #7992e712
 from __future__ import annotations
 import dataclasses, os, time
-from pathlib import Path
 
 import torch
 from torch import Tensor

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .core import ConfigError, SkindiffError

@@ -9,7 +9,7 @@ Docs: https://skindiff.github.io/skindiff/train.html.md"""
 from __future__ import annotations
 import copy, dataclasses, math, os, random, re, time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch

@@ -8,7 +8,6 @@ Docs: https://skindiff.github.io/skindiff/unet.html.md"""
 # %% ../nbs/04_unet.ipynb #3c6278f3
 from __future__ import annotations
 import dataclasses, math
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

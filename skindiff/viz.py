@@ -6,12 +6,11 @@ Docs: https://skindiff.github.io/skindiff/viz.html.md"""
 
 # %% ../nbs/00_viz.ipynb #67d830bf
 from __future__ import annotations
-import io, os
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
-import matplotlib
 import matplotlib.pyplot as plt
 
 from .core import atomic_write, ConfigError
