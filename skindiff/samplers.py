@@ -160,7 +160,9 @@ def ddim_step(eps: Tensor, t: Tensor | int, t_prev: Tensor | int, x_t: Tensor, s
     if eta > 0 and noise is None and (t_prev >= 0).any(): raise ConfigError(f"noise: needed when eta > 0 (eta={eta})")
     ab_t, ab_prev = _coefs(schedule, t, t_prev, x_t)
     x0 = (x_t - (1 - ab_t).sqrt().to(x_t.dtype) * eps) / ab_t.sqrt().to(x_t.dtype)
-    if clip_x0: x0 = x0.clamp(-X0_CLIP, X0_CLIP)
+    if clip_x0:
+        x0 = x0.clamp(-X0_CLIP, X0_CLIP)
+        eps = (x_t - ab_t.sqrt().to(x_t.dtype) * x0) / (1 - ab_t).sqrt().to(x_t.dtype)   # ε̂ consistent with clipped x̂_0
     sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
     x_prev = ab_prev.sqrt().to(x_t.dtype) * x0 + (1 - ab_prev - sigma**2).clamp_min(0).sqrt().to(x_t.dtype) * eps
     if eta > 0 and noise is not None: x_prev = x_prev + sigma.to(x_t.dtype) * noise

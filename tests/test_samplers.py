@@ -99,7 +99,7 @@ def test_ddim_step_matches_diffusers(name, eta, clip):
     for i, t in enumerate(ts):
         eps, x = _inputs(i)
         noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(50 + i), dtype=torch.float64)
-        out = ref.step(eps, t, x, eta=eta, variance_noise=noise)
+        out = ref.step(eps, t, x, eta=eta, variance_noise=noise, use_clipped_model_output=clip)
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         ours, x0 = ddim_step(eps, t, t_prev, x, sch, eta, noise, clip_x0=clip)
         worst = max(worst, (ours - out.prev_sample).abs().max().item(), (x0 - out.pred_original_sample).abs().max().item())
