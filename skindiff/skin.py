@@ -26,11 +26,14 @@ from .data import (DataNotFoundError, ChecksumError, ImageReadError, IMAGE_EXTEN
 __all__ = ['SKIN_CLASSES', 'CLINICAL_NAMES', 'MALIGNANT', 'ISIC2018_COLUMNS', 'DERMAMNIST_CLASSES', 'TABLE_COLUMNS',
            'SPLIT_NAMES', 'FORMATS', 'CSV_SIGNATURES', 'HAM10000_METADATA', 'HAM10000_IMAGE_DIRS',
            'ISIC2018_LESION_GROUPINGS', 'PH2_METADATA', 'DERMAMNIST_SPLITS', 'DEFAULT_FRACTIONS',
-           'DERMAMNIST_SPLIT_INFO', 'SPLIT_CSV_COLUMNS', 'SCHEMES', 'CACHE_VERSION', 'SkinDataError', 'class_table',
-           'label_indices', 'read_csv_checked', 'read_ham10000', 'read_isic2018', 'read_imagefolder', 'read_ph2',
-           'detect_format', 'read_skin_table', 'load_dermamnist', 'lesion_split', 'split_leakage', 'dermamnist_split',
-           'save_split_csv', 'read_split_csv', 'skin_dataset_dir', 'skin_split', 'ImageModeWarning', 'decoded_images',
-           'skin_tensors']
+           'DERMAMNIST_SPLIT_INFO', 'SPLIT_CSV_COLUMNS', 'SCHEMES', 'CACHE_VERSION', 'DATAVERSE', 'HAM10000_DOI',
+           'HAM10000_DATAVERSE_FILES', 'ISIC2018_URL', 'ISIC2018_PARTS', 'DERMAMNIST_REMOTE', 'DOWNLOAD_MANIFEST',
+           'CHUNK', 'SkinDataError', 'class_table', 'label_indices', 'read_csv_checked', 'read_ham10000',
+           'read_isic2018', 'read_imagefolder', 'read_ph2', 'detect_format', 'read_skin_table', 'load_dermamnist',
+           'lesion_split', 'split_leakage', 'dermamnist_split', 'save_split_csv', 'read_split_csv', 'skin_dataset_dir',
+           'skin_split', 'ImageModeWarning', 'decoded_images', 'skin_tensors', 'RemoteFile', 'DownloadError',
+           'download_file', 'extract_archive', 'fetch_dataset', 'dataverse_files', 'download_ham10000',
+           'download_isic2018', 'download_dermamnist']
 
 # %% ../nbs/14_skin_data.ipynb #2c86d526
 SKIN_CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -103,7 +106,10 @@ def read_csv_checked(path: str | os.PathLike, required: Sequence[str], what: str
     "Read CSV `path` (all columns as str) and check it has the `required` columns of `what`; else say what it looks like."
     path = Path(path)
     if not path.is_file(): raise DataNotFoundError(f"{what} {path} does not exist")
-    try: df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        with open(path, newline="") as f: head = f.readline()
+        sep = "\t" if "\t" in head and "," not in head else ","   # Dataverse serves its ingested copy tab-separated
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, sep=sep)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise SkinDataError(f"{path}: cannot be read as {what} ({type(e).__name__}: {e})") from e
     missing = [c for c in required if c not in df.columns]
@@ -478,3 +484,176 @@ def skin_tensors(table: pd.DataFrame, split: str | None = None, size: int = 64, 
     x = torch.from_numpy(np.array(arr[pos[keep]], copy=True))
     y = torch.as_tensor(rows["label_idx"].to_numpy(dtype=np.int64)[keep])
     return x, y
+
+# %% ../nbs/14_skin_data.ipynb #809e21bd
+@dataclasses.dataclass(frozen=True)
+class RemoteFile:
+    "One file of a dataset: where it is, what it must be (size, md5/sha256, when published), and whether to unpack it."
+    url: str
+    filename: str
+    size: int | None = None
+    md5: str | None = None
+    sha256: str | None = None
+    extract: bool = False
+
+class DownloadError(SkindiffError):
+    "A download failed (network error or an interrupted transfer); nothing was kept."
+
+DATAVERSE = "https://dataverse.harvard.edu"
+HAM10000_DOI = "doi:10.7910/DVN/DBW86T"
+HAM10000_DATAVERSE_FILES = ("HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip", "HAM10000_metadata.tab")
+ISIC2018_URL = "https://isic-challenge-data.s3.amazonaws.com/2018/"
+ISIC2018_PARTS = {"Training": ("ISIC2018_Task3_Training_Input.zip", "ISIC2018_Task3_Training_GroundTruth.zip",
+                               ISIC2018_LESION_GROUPINGS),
+                  "Validation": ("ISIC2018_Task3_Validation_Input.zip", "ISIC2018_Task3_Validation_GroundTruth.zip"),
+                  "Test": ("ISIC2018_Task3_Test_Input.zip", "ISIC2018_Task3_Test_GroundTruth.zip")}
+DERMAMNIST_REMOTE = RemoteFile("https://zenodo.org/records/10519652/files/dermamnist.npz?download=1", "dermamnist.npz",
+                               md5="0744692d530f8e62ec473284d019b0c7")   # MedMNIST v2 (28 px), md5 from MedMNIST's INFO
+DOWNLOAD_MANIFEST = "skindiff-download.json"
+CHUNK = 1 << 20
+
+def _pins_path() -> Path: return cache_dir()/"downloads"/"pins.json"
+
+def download_file(remote: RemoteFile, dest_dir: str | os.PathLike, timeout: float = 60.0) -> tuple[Path, dict]:
+    "Stream `remote` to `dest_dir/remote.filename` via a temporary file, check size and checksums; returns (path, record)."
+    dest = Path(dest_dir)/remote.filename
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{remote.filename}.", suffix=".part")
+    md5, sha, n, total = hashlib.md5(), hashlib.sha256(), 0, None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            try:
+                req = urllib.request.Request(remote.url, headers={"User-Agent": "skindiff"})
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    total = int(r.headers["Content-Length"]) if r.headers.get("Content-Length") else None
+                    with tqdm(total=total or remote.size, unit="B", unit_scale=True, desc=remote.filename, mininterval=1) as bar:
+                        while block := r.read(CHUNK):
+                            f.write(block); md5.update(block); sha.update(block); n += len(block); bar.update(len(block))
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+                raise DownloadError(f"downloading {remote.url} failed after {n} bytes ({type(e).__name__}: {e}); "
+                                    "nothing was kept, run it again") from e
+        if total is not None and n != total:
+            raise DownloadError(f"downloading {remote.url} was interrupted: got {n} of {total} bytes; nothing was kept, run it again")
+        got = dict(filename=remote.filename, url=remote.url, size=n, md5=md5.hexdigest(), sha256=sha.hexdigest())
+        for k in ("size", "md5", "sha256"):
+            want = getattr(remote, k)
+            if want is not None and str(got[k]).lower() != str(want).lower():
+                raise ChecksumError(f"{remote.filename} from {remote.url}: {k} is {got[k]}, expected {want}. The download "
+                                    "is corrupt or the file was re-published; nothing was kept.")
+        os.replace(tmp, dest)
+        return dest, got
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        raise
+
+def _check_pin(remote: RemoteFile, got: dict) -> bool:
+    "For a file without a published checksum: compare with (or, the first time, record) its pinned size and sha256."
+    if remote.md5 or remote.sha256: return False
+    pins = {}
+    with contextlib.suppress(OSError, ValueError): pins = json.loads(_pins_path().read_text())
+    pin = pins.get(remote.url)
+    if pin is None: return True
+    if (pin["size"], pin["sha256"]) != (got["size"], got["sha256"]):
+        raise ChecksumError(f"{remote.filename} from {remote.url}: size {got['size']} / sha256 {got['sha256']} differ from the "
+                            f"pinned first download ({pin['size']} / {pin['sha256']}, in {_pins_path()}); the file changed "
+                            "or is corrupt. Delete the pin only if you know the new file is right.")
+    return False
+
+def _safe_extract_zip(path: Path, dest: Path) -> Path:
+    "Extract zip `path` into `dest`, refusing absolute paths, '..' components and symbolic links (checked before writing)."
+    try:
+        with zipfile.ZipFile(path) as z:
+            for m in z.infolist():
+                name = m.filename.replace("\\", "/")
+                why = ("has an absolute path" if name.startswith("/") or (len(name) > 1 and name[1] == ":") else
+                       "has a '..' path component" if ".." in PurePosixPath(name).parts else
+                       "is a symbolic link" if (m.external_attr >> 16) & 0o170000 == 0o120000 else None)
+                if why: raise SkindiffError(f"refusing to extract {path}: member {m.filename!r} {why}")
+            z.extractall(dest)
+    except (zipfile.BadZipFile, OSError) as e: raise SkindiffError(f"cannot read zip archive {path}: {e}") from e
+    return dest
+
+def extract_archive(path: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Unpack a zip or tar archive safely into `dest` (created); a single top folder named like the archive is lifted,
+    so `X.zip` holding `X/...` and `X.zip` holding files both give `dest/...`."""
+    path, dest = Path(path), Path(dest)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".x"))
+    try:
+        out = tmp/"tree"
+        if zipfile.is_zipfile(path): _safe_extract_zip(path, out)
+        elif tarfile.is_tarfile(path): safe_extract(path, out)
+        else: raise SkindiffError(f"{path} is neither a zip nor a tar archive (a saved error page?)")
+        kids = [p for p in out.iterdir() if not p.name.startswith(".")]
+        stem = path.name.split(".")[0]
+        src = kids[0] if len(kids) == 1 and kids[0].is_dir() and kids[0].name == stem else out
+        os.replace(src, dest)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+def fetch_dataset(files: Sequence[RemoteFile], dest: str | os.PathLike, timeout: float = 60.0) -> Path:
+    """Download `files` into a staging folder beside `dest`, verify them, unpack archives (into a folder named after
+    each archive), then rename the complete tree onto `dest` with a manifest. Returns `dest`; a complete `dest` is kept."""
+    dest = Path(dest).expanduser()
+    if (dest/DOWNLOAD_MANIFEST).is_file(): return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".download"))
+    try:
+        tree, records, new_pins = stage/"tree", [], {}
+        tree.mkdir()
+        for rf in files:
+            p, rec = download_file(rf, stage/"downloads", timeout)
+            if _check_pin(rf, rec): new_pins[rf.url] = dict(size=rec["size"], sha256=rec["sha256"], filename=rf.filename)
+            if rf.extract: extract_archive(p, tree/rf.filename.split(".")[0]); p.unlink()
+            else: os.replace(p, tree/rf.filename)
+            records.append(rec)
+        atomic_write_json(tree/DOWNLOAD_MANIFEST, dict(files=records, time=time.strftime("%Y-%m-%dT%H:%M:%S")))
+        if dest.exists(): os.replace(dest, stage/"previous")   # an incomplete earlier attempt, or the user's partial copy
+        os.replace(tree, dest)
+        if new_pins:
+            pins = {}
+            with contextlib.suppress(OSError, ValueError): pins = json.loads(_pins_path().read_text())
+            atomic_write_json(_pins_path(), {**pins, **new_pins})
+            warnings.warn("no published checksum for " + ", ".join(v["filename"] for v in new_pins.values())
+                          + f"; pinned their size and sha256 in {_pins_path()}", stacklevel=2)
+    finally: shutil.rmtree(stage, ignore_errors=True)
+    return dest
+
+def dataverse_files(doi: str = HAM10000_DOI, wanted: Sequence[str] = HAM10000_DATAVERSE_FILES,
+                    server: str = DATAVERSE, timeout: float = 60.0) -> list[RemoteFile]:
+    "The `wanted` files of Dataverse dataset `doi`, with the size and md5 that Dataverse publishes (tabular files as their original CSV)."
+    url = f"{server}/api/datasets/:persistentId/?persistentId={doi}"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "skindiff"}), timeout=timeout) as r:
+            meta = json.load(r)
+        by_name = {f["dataFile"]["filename"]: f["dataFile"] for f in meta["data"]["latestVersion"]["files"]}
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, KeyError, TypeError) as e:
+        raise DownloadError(f"cannot read the file list of {doi} from {url} ({type(e).__name__}: {e})") from e
+    missing = [w for w in wanted if w not in by_name]
+    if missing: raise DownloadError(f"{doi} on {server} no longer lists {missing} (it lists {sorted(by_name)})")
+    out = []
+    for w in wanted:
+        f = by_name[w]; tab = w.endswith(".tab")
+        md5 = f.get("md5") or (f.get("checksum", {}).get("value") if f.get("checksum", {}).get("type") == "MD5" else None)
+        out.append(RemoteFile(f"{server}/api/access/datafile/{f['id']}" + ("?format=original" if tab else ""),
+                              w[:-4] + ".csv" if tab else w, size=f.get("originalFileSize") if tab else f.get("filesize"),
+                              md5=md5, extract=w.endswith(".zip")))
+    return out
+
+def _default_dest(name: str, dest) -> Path: return Path(dest).expanduser() if dest is not None else cache_dir()/"data"/name
+
+def download_ham10000(dest: str | os.PathLike | None = None, server: str = DATAVERSE, timeout: float = 60.0) -> Path:
+    "HAM10000 at full resolution from Harvard Dataverse (doi:10.7910/DVN/DBW86T) in the official layout; returns the folder."
+    return fetch_dataset(dataverse_files(HAM10000_DOI, HAM10000_DATAVERSE_FILES, server, timeout), _default_dest("ham10000", dest), timeout)
+
+def download_isic2018(dest: str | os.PathLike | None = None, parts: Sequence[str] = ("Training",),
+                      base_url: str = ISIC2018_URL, timeout: float = 60.0) -> Path:
+    "The ISIC 2018 Task 3 archives (`parts` of Training, Validation, Test) in the challenge layout; returns the folder."
+    bad = [p for p in parts if p not in ISIC2018_PARTS]
+    if bad or not parts: raise ConfigError(f"parts={list(parts)}: expected some of {list(ISIC2018_PARTS)}")
+    files = [RemoteFile(base_url + n, n, extract=n.endswith(".zip")) for p in parts for n in ISIC2018_PARTS[p]]
+    return fetch_dataset(files, _default_dest("isic2018", dest), timeout)
+
+def download_dermamnist(dest: str | os.PathLike | None = None, remote: RemoteFile = DERMAMNIST_REMOTE,
+                        timeout: float = 60.0) -> Path:
+    "MedMNIST v2 DermaMNIST (`dermamnist.npz`, md5-checked) from Zenodo; returns the path of the .npz."
+    return fetch_dataset([remote], _default_dest("dermamnist", dest), timeout)/remote.filename

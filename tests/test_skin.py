@@ -251,3 +251,138 @@ def test_grayscale_and_rgba_converted_once(tmp_path, ham):
     msgs = [str(m.message) for m in w if issubclass(m.category, ImageModeWarning)]
     assert len(msgs) == 1 and "2 non-RGB" in msgs[0] and "L: 1" in msgs[0] and "RGBA: 1" in msgs[0]
     assert x.shape[1] == 3
+
+
+# --- downloads against a local server -----------------------------------------------------------
+
+import hashlib, http.server, io, tarfile, threading, zipfile
+from skindiff.data import ChecksumError
+from skindiff.skin import RemoteFile, DownloadError, fetch_dataset, download_ham10000, download_dermamnist, DOWNLOAD_MANIFEST
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    files: dict = {}
+    hits: list = []
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        self.hits.append(path)
+        if path not in self.files: self.send_error(404); return
+        body = self.files[path]
+        cut = path.startswith("/cut/")
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body[:len(body)//2] if cut else body)
+        if cut: self.wfile.flush(); self.close_connection = True
+    def log_message(self, *a): pass
+
+
+@pytest.fixture
+def server():
+    _Handler.files, _Handler.hits = {}, []
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_port}", _Handler
+    srv.shutdown(); srv.server_close()
+
+
+def _tar(files: dict) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name); ti.size = len(data); tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _zip(files: dict) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in files.items(): z.writestr(name, data)
+    return buf.getvalue()
+
+
+def _no_leftovers(parent: Path, name: str):
+    assert not (parent/name).exists(), "a failed download left the dataset folder"
+    assert not [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")], "staging files were left behind"
+
+
+def test_download_correct_archive(tmp_path, server, ham):
+    url, h = server
+    imgs = {f"mel/{r.image_id}.jpg": Path(r.path).read_bytes() for r in ham[ham.label == "mel"].iloc[:2].itertuples()}
+    imgs.update({f"nv/{r.image_id}.jpg": Path(r.path).read_bytes() for r in ham[ham.label == "nv"].iloc[:2].itertuples()})
+    body = _tar(imgs); h.files["/skin.tar.gz"] = body
+    rf = RemoteFile(url + "/skin.tar.gz", "skin.tar.gz", size=len(body), sha256=hashlib.sha256(body).hexdigest(), extract=True)
+    dest = fetch_dataset([rf], tmp_path/"data"/"skinfolder")
+    t = read_imagefolder(dest/"skin")
+    assert t.label.value_counts().to_dict() == {"mel": 2, "nv": 2} and (dest/DOWNLOAD_MANIFEST).is_file()
+    fetch_dataset([rf], tmp_path/"data"/"skinfolder")
+    assert h.hits == ["/skin.tar.gz"], "a complete download must not be fetched again"
+    assert [p.name for p in (tmp_path/"data").iterdir()] == ["skinfolder"]
+
+
+def test_download_wrong_checksum(tmp_path, server):
+    url, h = server
+    h.files["/a.zip"] = _zip({"a/x.txt": b"hello"})
+    rf = RemoteFile(url + "/a.zip", "a.zip", md5="0"*32, extract=True)
+    (tmp_path/"data").mkdir()
+    with pytest.raises(ChecksumError, match="a.zip.*md5 is .*expected 0000"): fetch_dataset([rf], tmp_path/"data"/"a")
+    _no_leftovers(tmp_path/"data", "a")
+
+
+def test_download_interrupted(tmp_path, server):
+    url, h = server
+    good = _zip({"x.txt": b"x"*100_000})
+    h.files["/ok.zip"] = good; h.files["/cut/b.zip"] = _zip({"y.txt": bytes(range(256))*1000})
+    files = [RemoteFile(url + "/ok.zip", "ok.zip", extract=True), RemoteFile(url + "/cut/b.zip", "b.zip", extract=True)]
+    (tmp_path/"data").mkdir()
+    with pytest.raises(DownloadError, match=r"interrupted|failed after"): fetch_dataset(files, tmp_path/"data"/"b")
+    _no_leftovers(tmp_path/"data", "b")   # the first, good archive was extracted in staging only
+
+
+def test_unsafe_zip_refused(tmp_path, server):
+    url, h = server
+    h.files["/evil.zip"] = _zip({"../evil.txt": b"boom"})
+    (tmp_path/"data").mkdir()
+    with pytest.raises(SkindiffError, match=r"refusing.*'\.\.'"):
+        fetch_dataset([RemoteFile(url + "/evil.zip", "evil.zip", extract=True)], tmp_path/"data"/"e")
+    assert not (tmp_path/"evil.txt").exists() and not (tmp_path/"data"/"evil.txt").exists()
+    _no_leftovers(tmp_path/"data", "e")
+
+
+def test_unpinned_file_is_pinned(tmp_path, server, private_cache):
+    url, h = server
+    h.files["/gt.csv"] = b"image,MEL\n"
+    rf = RemoteFile(url + "/gt.csv", "gt.csv")
+    with pytest.warns(UserWarning, match="pinned"): fetch_dataset([rf], tmp_path/"one")
+    h.files["/gt.csv"] = b"image,MEL,NV\n"                              # the server now serves a different file
+    with pytest.raises(ChecksumError, match="pinned"): fetch_dataset([rf], tmp_path/"two")
+    assert not (tmp_path/"two").exists()
+
+
+def test_download_ham10000_from_dataverse(tmp_path, server, ham):
+    "The whole path: Dataverse API (sizes, md5) → two image zips + metadata → the official layout → read_ham10000."
+    url, h = server
+    sub = pd.concat([ham[ham.label == c].iloc[:1] for c in SKIN_CLASSES])
+    parts = [sub.iloc[:4], sub.iloc[4:]]
+    bodies = {f"HAM10000_images_part_{i+1}.zip": _zip({f"{r.image_id}.jpg": Path(r.path).read_bytes() for r in p.itertuples()})
+              for i, p in enumerate(parts)}
+    meta_csv = sub[["lesion_id", "image_id", "label"]].rename(columns={"label": "dx"}).to_csv(index=False).encode()
+    bodies["HAM10000_metadata.tab"] = meta_csv
+    listing = []
+    for i, (name, body) in enumerate(bodies.items()):
+        h.files[f"/api/access/datafile/{i}"] = body
+        df = {"id": i, "filename": name, "md5": hashlib.md5(body).hexdigest()}
+        df.update({"originalFileSize": len(body)} if name.endswith(".tab") else {"filesize": len(body)})
+        listing.append({"dataFile": df})
+    h.files["/api/datasets/:persistentId/"] = json.dumps({"data": {"latestVersion": {"files": listing}}}).encode()
+    dest = download_ham10000(tmp_path/"ham", server=url)
+    t = read_ham10000(dest)
+    assert sorted(t.image_id) == sorted(sub.image_id) and (t.label.to_numpy() == sub.sort_values("image_id").label.to_numpy()).all()
+    assert (dest/"HAM10000_images_part_1").is_dir() and (dest/"HAM10000_metadata.csv").is_file()
+
+
+def test_download_dermamnist(tmp_path, server):
+    url, h = server
+    make_npz(tmp_path/"src.npz"); body = (tmp_path/"src.npz").read_bytes()
+    h.files["/dermamnist.npz"] = body
+    p = download_dermamnist(tmp_path/"dm", RemoteFile(url + "/dermamnist.npz", "dermamnist.npz", md5=hashlib.md5(body).hexdigest()))
+    x, y = load_dermamnist(p, "train")
+    assert x.shape == (5, 3, 28, 28)
