@@ -31,8 +31,8 @@ __all__ = ['SKIN_CLASSES', 'CLINICAL_NAMES', 'MALIGNANT', 'ISIC2018_COLUMNS', 'D
            'CHUNK', 'SkinDataError', 'class_table', 'label_indices', 'read_csv_checked', 'read_ham10000',
            'read_isic2018', 'read_imagefolder', 'read_ph2', 'detect_format', 'read_skin_table', 'load_dermamnist',
            'lesion_split', 'split_leakage', 'dermamnist_split', 'save_split_csv', 'read_split_csv', 'skin_dataset_dir',
-           'skin_split', 'ImageModeWarning', 'decoded_images', 'skin_tensors', 'RemoteFile', 'DownloadError',
-           'download_file', 'extract_archive', 'fetch_dataset', 'dataverse_files', 'download_ham10000',
+           'skin_split', 'ImageModeWarning', 'tensor_cache_path', 'decoded_images', 'skin_tensors', 'RemoteFile',
+           'DownloadError', 'download_file', 'extract_archive', 'fetch_dataset', 'dataverse_files', 'download_ham10000',
            'download_isic2018', 'download_dermamnist']
 
 # %% ../nbs/14_skin_data.ipynb #2c86d526
@@ -404,6 +404,10 @@ def _table_key(table: pd.DataFrame, dataset: str, size: int, fit: str) -> str:
         h.update(f"\n{iid}|{Path(p).name}|{n}".encode())
     return h.hexdigest()[:20]
 
+def tensor_cache_path(table: pd.DataFrame, size: int, dataset: str = "ham10000", fit: str = "crop") -> Path:
+    "The `.npy` file that caches `table`'s images at `size` (it may not exist yet); its `.json` sidecar sits beside it."
+    return cache_dir()/"skin"/f"{dataset}-{int(size)}px-{fit}-{_table_key(table, dataset, int(size), fit)}.npy"
+
 def _decode_into(out: np.ndarray, paths: Sequence[str], size: int, fit: str, on_error: str, desc: str) -> tuple[list[int], dict]:
     "Decode `paths` into `out` (N×3×S×S); return the failed indices and the non-RGB modes met."
     failed, modes = [], {}
@@ -430,9 +434,8 @@ def decoded_images(table: pd.DataFrame, size: int, dataset: str = "ham10000", fi
     if not dataset or any(c in dataset for c in "/\\ "): raise ConfigError(f"dataset={dataset!r}: expected a short name")
     size = int(size)
     order = table[["image_id", "path"]].sort_values("image_id", kind="stable").reset_index(drop=True)
-    key = _table_key(order, dataset, size, fit)
-    d = cache_dir()/"skin"
-    npy, meta_p = d/f"{dataset}-{size}px-{fit}-{key}.npy", d/f"{dataset}-{size}px-{fit}-{key}.json"
+    npy = tensor_cache_path(order, size, dataset, fit)
+    d, meta_p = npy.parent, npy.with_suffix(".json")
     meta = None
     if npy.is_file() and meta_p.is_file():
         with contextlib.suppress(OSError, ValueError): meta = json.loads(meta_p.read_text())
