@@ -162,6 +162,7 @@ def read_ham10000(root: str | os.PathLike, metadata: str | os.PathLike | None = 
     meta = Path(metadata) if metadata else root/HAM10000_METADATA
     if not meta.is_file() and (root/"HAM10000_metadata").is_file(): meta = root/"HAM10000_metadata"  # Dataverse name
     df = read_csv_checked(meta, ("lesion_id", "image_id", "dx"), "the HAM10000 metadata")
+    label_indices(df["dx"], str(meta))   # labels first: a wrong CSV is reported before any missing file
     dirs = [root/d for d in HAM10000_IMAGE_DIRS] + [root, root/"images"]
     df = _attach_paths(df.rename(columns={"dx": "label"}), _index_images(dirs), meta, [d for d in dirs if d.is_dir()])
     return _finish(df, str(meta))
@@ -225,6 +226,7 @@ def read_ph2(root: str | os.PathLike) -> pd.DataFrame:
     if not root.is_dir(): raise DataNotFoundError(f"PH2 folder {root} does not exist")
     meta = root/PH2_METADATA
     df = read_csv_checked(meta, ("image_id", "dx", "ph2_class"), "the PH2 metadata")
+    label_indices(df["dx"], str(meta))
     df = df.rename(columns={"dx": "label"}).assign(lesion_id=df["image_id"])
     dirs = [root/"images", root]
     return _finish(_attach_paths(df, _index_images(dirs), meta, [d for d in dirs if d.is_dir()]), str(meta))
