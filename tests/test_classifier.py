@@ -1,0 +1,382 @@
+"Tests of skindiff.classifier: offline ImageNet weights, augmentation, training driver, metrics vs the ISIC scorer, files."
+import io, json, math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from skindiff import classifier as clf
+from skindiff.core import ConfigError, SkindiffError
+from skindiff.train import CheckpointError, TrainConfig, list_checkpoints, train
+
+SKIN = list(clf.SKIN_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def lite0_sd():
+    return torch.load(clf.lite0_weight_file(), map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def timm_sd():
+    import timm
+    return timm.create_model(clf.LITE0_ARCH, pretrained=False).state_dict()
+
+
+# ---------------------------------------------------------------- weights
+
+def test_weight_file_checksum(monkeypatch):
+    p = clf.lite0_weight_file()
+    assert p.name == clf.LITE0_FILE and p.stat().st_size > 10_000_000
+    monkeypatch.setattr(clf, "LITE0_SHA256", "0" * 64)
+    with pytest.raises(clf.WeightsError, match="sha256"): clf.lite0_weight_file()
+
+
+def test_lite0_mapping_complete(lite0_sd, timm_sd):
+    conv = clf.convert_lite0_state_dict(lite0_sd, timm_sd)
+    assert list(conv) == list(timm_sd)                                  # every timm key, once, in timm's order
+    assert len(conv) == len(lite0_sd) == 296
+    assert sum(not k.endswith("num_batches_tracked") for k in lite0_sd) == 247
+    mapped = {clf.lite0_key(k): k for k in lite0_sd}
+    assert len(mapped) == len(lite0_sd)                                 # injective
+    for t, s in mapped.items():
+        assert tuple(lite0_sd[s].shape) == tuple(timm_sd[t].shape), (s, t)
+        assert torch.equal(conv[t], lite0_sd[s])
+    import timm
+    m = timm.create_model(clf.LITE0_ARCH, pretrained=False)
+    m.load_state_dict(conv, strict=True)
+    # spot checks of the rules (depthwise-separable first block vs inverted residuals, stage numbering)
+    assert clf.lite0_key("_blocks.0._project_conv.weight") == "blocks.0.0.conv_pw.weight"
+    assert clf.lite0_key("_blocks.1._project_conv.weight") == "blocks.1.0.conv_pwl.weight"
+    assert clf.lite0_key("_blocks.2._bn0.weight") == "blocks.1.1.bn1.weight"
+    assert clf.lite0_key("_blocks.14._expand_conv.weight") == "blocks.5.3.conv_pw.weight"
+    assert clf.lite0_key("_blocks.15._bn2.bias") == "blocks.6.0.bn3.bias"
+    assert clf.lite0_key("_fc.bias") == "classifier.bias"
+
+
+def test_lite0_mapping_errors(lite0_sd, timm_sd):
+    bad = dict(lite0_sd); bad["_conv_stem.weight"] = torch.zeros(16, 3, 3, 3)
+    with pytest.raises(clf.WeightsError, match="shape"): clf.convert_lite0_state_dict(bad, timm_sd)
+    with pytest.raises(clf.WeightsError, match="not an EfficientNet-Lite0 key"): clf.lite0_key("features.0.weight")
+    with pytest.raises(clf.WeightsError, match="block index"): clf.lite0_key("_blocks.16._bn0.weight")
+    short = {k: v for k, v in lite0_sd.items() if not k.startswith("_fc")}
+    with pytest.raises(clf.WeightsError, match="no source weights"): clf.convert_lite0_state_dict(short, timm_sd)
+
+
+def test_converted_weights_cached_and_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKINDIFF_CACHE", str(tmp_path))
+    p = clf.pretrained_lite0_path()
+    assert p.parent == tmp_path/"models" and p.is_file()
+    ck = torch.load(p, weights_only=True)
+    assert ck["source_sha256"] == clf.LITE0_SHA256 and len(ck["state_dict"]) == 296
+    p.write_bytes(b"truncated")                                         # a corrupt cache is rebuilt, not trusted
+    assert clf.pretrained_lite0_path() == p and torch.load(p, weights_only=True)["format"] == clf.CONVERTED_FORMAT
+    assert not [q for q in p.parent.iterdir() if q.name.startswith(".")]  # no temporary files left
+
+
+def test_create_classifier_head_and_normalisation():
+    m = clf.create_classifier(7)
+    assert m.get_classifier().out_features == 7
+    assert clf.normalisation(clf.LITE0_ARCH) == ((0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(ConfigError, match="num_classes"): clf.create_classifier(1)
+    with pytest.raises(ConfigError, match="not a timm model"): clf.create_classifier(3, arch="no_such_net")
+
+
+def test_other_arch_needs_user_weights(tmp_path):
+    import timm
+    with pytest.raises(clf.WeightsError, match=r"resnet18.*weights=PATH"): clf.create_classifier(3, arch="resnet18")
+    src = timm.create_model("resnet18", pretrained=False)
+    torch.save(src.state_dict(), tmp_path/"r18.pt")
+    m = clf.create_classifier(3, arch="resnet18", weights=tmp_path/"r18.pt")
+    assert torch.equal(m.conv1.weight, src.conv1.weight) and m.get_classifier().out_features == 3
+    with pytest.raises(clf.WeightsError, match="does not fit"): clf.create_classifier(3, arch="resnet34", weights=tmp_path/"r18.pt")
+    with pytest.raises(clf.WeightsError, match="does not exist"): clf.create_classifier(3, arch="resnet18", weights=tmp_path/"nope.pt")
+    assert clf.create_classifier(3, arch="resnet18", pretrained=False).get_classifier().out_features == 3
+
+
+def test_linear_probe_pretrained_beats_random():
+    "500 train / 500 test CIFAR-10 images at 64 px; measured: ImageNet 0.50, random init 0.18."
+    from skindiff.data import load_cifar10, resize_images, seeded_subset
+    xtr, ytr, _ = load_cifar10("train"); xte, yte, _ = load_cifar10("test")
+    itr, ite = seeded_subset(len(ytr), 500, 0, ytr), seeded_subset(len(yte), 500, 0, yte)
+    xtr, ytr, xte, yte = resize_images(xtr[itr], 64), ytr[itr], resize_images(xte[ite], 64), yte[ite]
+    mean, std = clf.normalisation(clf.LITE0_ARCH)
+    acc = {}
+    for pre in (True, False):
+        torch.manual_seed(0)
+        m = clf.create_classifier(10, pretrained=pre)
+        acc[pre] = clf.linear_probe_accuracy(clf.extract_features(m, xtr, mean, std, device="cpu"), ytr,
+                                             clf.extract_features(m, xte, mean, std, device="cpu"), yte, 10)
+    assert acc[True] > 0.4 and acc[True] > acc[False] + 0.15, acc
+
+
+# ---------------------------------------------------------------- augmentation and loss
+
+def test_dihedral_views_form_the_group():
+    x = torch.rand(2, 3, 5, 5)
+    views = [clf.dihedral_view(x, k) for k in range(8)]
+    assert len({v.numpy().tobytes() for v in views}) == 8              # all distinct on a random image
+    assert torch.equal(clf.dihedral_view(views[1], 3), x)
+    assert torch.equal(clf.dihedral_view(views[4], 4), x)               # a mirror twice is the identity
+    with pytest.raises(ConfigError): clf.dihedral_view(x, 8)
+
+
+def test_augment_is_seeded_and_mild():
+    x = torch.rand(64, 3, 8, 8)
+    a = clf.augment_batch(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, clf.augment_batch(x, torch.Generator().manual_seed(3)))
+    assert not torch.equal(a, clf.augment_batch(x, torch.Generator().manual_seed(4)))
+    assert a.min() >= 0 and a.max() <= 1 and a.shape == x.shape
+    assert torch.equal(clf.augment_batch(x, torch.Generator(), clf.Augment(False, 0, 0, 0)), x)
+    geo = clf.augment_batch(x, torch.Generator().manual_seed(0), clf.Augment(True, 0, 0, 0))
+    hits = [any(torch.equal(geo[i], clf.dihedral_view(x[i:i+1], k)[0]) for k in range(8)) for i in range(len(x))]
+    assert all(hits)
+    col = clf.augment_batch(x, torch.Generator().manual_seed(0), clf.Augment(False))
+    assert (col - x).abs().mean() < 0.1                                 # mild
+    with pytest.raises(ConfigError, match="brightness"): clf.Augment(brightness=1.5)
+    with pytest.raises(ConfigError, match="square"): clf.augment_batch(torch.rand(1, 3, 4, 6), torch.Generator())
+
+
+def test_class_weights_eq_15_1():
+    y = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    w = clf.class_weights(y, 3, "sqrt")
+    n = torch.tensor([60., 30., 10.])
+    assert torch.allclose((w * n).sum(), torch.tensor(100.))
+    assert math.isclose(float(w[2] / w[0]), math.sqrt(6), rel_tol=1e-6)
+    assert torch.allclose(clf.class_weights(y, 3, "none"), torch.ones(3))
+    wi = clf.class_weights(y, 3, "inverse")
+    assert torch.allclose(wi * n, (wi * n)[0].expand(3))                # every class contributes equally
+    with pytest.raises(ConfigError, match=r"class\(es\) \[3\]"): clf.class_weights(y, 4)
+    with pytest.raises(ConfigError, match="imbalance"): clf.class_weights(y, 3, "log")
+
+
+def test_loss_fn_is_weighted_cross_entropy():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    x = torch.randint(0, 256, (16, 3, 4, 4), dtype=torch.uint8); y = torch.randint(0, 3, (16,))
+    w = torch.tensor([1., 2., 3.])
+    loss = clf.classifier_loss_fn((0.5,) * 3, (0.5,) * 3, w, 0.1, augment=None)(model, (x, y), torch.Generator())
+    ref = torch.nn.functional.cross_entropy(model((x.float() / 255 - 0.5) / 0.5), y, weight=w, label_smoothing=0.1)
+    assert torch.allclose(loss, ref, atol=1e-6)
+
+
+# ---------------------------------------------------------------- metrics vs the official ISIC scorer
+
+def _fake_predictions(n=400, seed=0, peaked=False):
+    rng = np.random.default_rng(seed)
+    y = rng.choice(7, n, p=[.04, .05, .11, .02, .11, .64, .03])
+    y[:14] = np.arange(14) % 7                                          # every class present
+    logits = rng.normal(size=(n, 7)) + 2.0 * np.eye(7)[y] * rng.uniform(0, 1.5, (n, 1))
+    logits = np.round(logits, 1)                                        # ties, as real scores have
+    if peaked: logits = logits * 8
+    p = np.exp(logits - logits.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+    p[np.arange(n), p.argmax(1)] += 1e-3                                # a unique maximum: the scorer calls ties 'undecided'
+    return y, p / p.sum(1, keepdims=True)
+
+
+def _isic_score(tmp_path, y, p):
+    from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
+    ids = [f"ISIC_{i:07d}" for i in range(len(y))]
+    clf.write_predictions_csv(tmp_path/"pred.csv", ids, p, SKIN)
+    clf.write_predictions_csv(tmp_path/"truth.csv", ids, np.eye(7)[y], SKIN)
+    pred = pd.read_csv(tmp_path/"pred.csv").set_index("image")
+    truth = pd.read_csv(tmp_path/"truth.csv").set_index("image")
+    assert list(pred.columns) == list(clf.ISIC2018_COLUMNS) and list(truth.columns) == list(clf.ISIC2018_COLUMNS)
+    weights = pd.DataFrame({"score_weight": 1.0, "validation_weight": 1.0}, index=truth.index)
+    # parse_csv of isic-challenge-scoring 5.6 calls DataFrame.applymap, removed in pandas 3: score the frames directly
+    return ClassificationScore(truth, pred, weights, ClassificationMetric.BALANCED_ACCURACY)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_metrics_match_isic_scorer(tmp_path, seed):
+    y, p = _fake_predictions(seed=seed)
+    score = _isic_score(tmp_path, y, p)
+    p6 = np.round(p, 6)                                                 # what the CSV holds
+    m = clf.classification_metrics(y, p6, SKIN)
+    assert m["balanced_accuracy"] == pytest.approx(score.aggregate["balanced_accuracy"], abs=1e-12)
+    for c in SKIN:
+        assert m[f"auc/{c}"] == pytest.approx(score.per_category.loc[c.upper(), "auc"], abs=1e-12), c
+    assert m["macro_auc"] == pytest.approx(score.macro_average["auc"], abs=1e-12)
+    roc = score.rocs["MEL"]                                             # the scorer's ROC (sklearn, drop_intermediate)
+    fpr, tpr = roc["fpr"].to_numpy(), roc["tpr"].to_numpy()
+    assert m["mel_sensitivity_at_specificity_80"] == pytest.approx(tpr[fpr <= 0.2].max(), abs=1e-12)
+    from sklearn.metrics import accuracy_score
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, p6.argmax(1)), abs=1e-12)
+
+
+def test_sensitivity_specificity_match_isic_scorer(tmp_path):
+    "The scorer thresholds each class at 0.5; with peaked predictions (max > 0.5) that is our argmax rule."
+    y, p = _fake_predictions(seed=2, peaked=True)
+    keep = np.round(p, 6).max(1) > 0.5
+    y, p = y[keep], p[keep]
+    assert keep.mean() > 0.9 and len(np.unique(y)) == 7
+    score = _isic_score(tmp_path, y, p)
+    m = clf.classification_metrics(y, np.round(p, 6), SKIN)
+    for c in SKIN:
+        assert m[f"sensitivity/{c}"] == pytest.approx(score.per_category.loc[c.upper(), "sensitivity"], abs=1e-12), c
+        assert m[f"specificity/{c}"] == pytest.approx(score.per_category.loc[c.upper(), "specificity"], abs=1e-12), c
+
+
+def test_auc_roc_with_ties_match_sklearn():
+    from sklearn.metrics import roc_auc_score, roc_curve
+    rng = np.random.default_rng(0)
+    t = rng.random(300) < 0.2; s = np.round(rng.random(300) + t * 0.3, 1)
+    assert clf.roc_auc(t, s) == pytest.approx(roc_auc_score(t, s), abs=1e-12)
+    fpr, tpr, thr = clf.roc_curve(t, s)
+    f2, t2, _ = roc_curve(t, s, drop_intermediate=False)
+    assert np.allclose(fpr, f2) and np.allclose(tpr, t2)
+    assert math.isnan(clf.roc_auc(np.zeros(5, bool), np.arange(5.)))
+
+
+def test_ece_known_values():
+    p = np.array([[0.9, 0.1]] * 10)                                     # confidence 0.9 everywhere
+    y = np.array([0] * 6 + [1] * 4)                                     # accuracy 0.6
+    assert clf.expected_calibration_error(y, p) == pytest.approx(0.3)
+    y2 = np.array([0] * 9 + [1])
+    assert clf.expected_calibration_error(y2, p) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bootstrap_ci_seeded_grouped():
+    y, p = _fake_predictions(n=300, seed=3)
+    a = clf.bootstrap_ci(y, p, SKIN, n_boot=100, seed=5)
+    assert a == clf.bootstrap_ci(y, p, SKIN, n_boot=100, seed=5)
+    assert a != clf.bootstrap_ci(y, p, SKIN, n_boot=100, seed=6)
+    m = clf.classification_metrics(y, p, SKIN)
+    for k in ("accuracy", "balanced_accuracy", "macro_auc", "ece", "mel_sensitivity_at_specificity_80"):
+        lo, hi = a[k]
+        assert lo <= hi and lo - 0.02 <= m[k] <= hi + 0.02, k
+    groups = np.repeat(np.arange(150), 2)                               # lesions of 2 images with one label each
+    y2 = y[::2].repeat(2)
+    g = clf.bootstrap_ci(y2, p, SKIN, groups=groups, n_boot=100, seed=5)
+    assert set(g) == set(a)
+    with pytest.raises(ConfigError, match="groups"): clf.bootstrap_ci(y, p, SKIN, groups=groups[:10])
+
+
+def test_metric_input_errors():
+    y, p = _fake_predictions(n=20)
+    with pytest.raises(ConfigError, match="class names"): clf.classification_metrics(y, p, SKIN[:6])
+    with pytest.raises(ConfigError, match="N×C"): clf.classification_metrics(y[:5], p, SKIN)
+    with pytest.raises(ConfigError, match="NaN"): clf.classification_metrics(y, p * np.nan, SKIN)
+
+
+def test_evaluate_writes_isic_csv_json_and_figures(tmp_path):
+    y, p = _fake_predictions(n=120, seed=4)
+    ids = [f"ISIC_{i:07d}" for i in range(len(y))]
+    m = clf.evaluate(p, y, ids, SKIN, tmp_path/"ev", n_boot=50, seed=0)
+    lines = (tmp_path/"ev"/"predictions.csv").read_text().splitlines()
+    assert lines[0] == "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC" and len(lines) == 121
+    row = lines[1].split(",")
+    assert row[0] == ids[0] and float(row[1]) == pytest.approx(p[0, SKIN.index("mel")], abs=1e-6)
+    js = json.loads((tmp_path/"ev"/"metrics.json").read_text())
+    assert js["balanced_accuracy"] == pytest.approx(m["balanced_accuracy"]) and "balanced_accuracy" in js["ci95"]
+    for f in ("confusion_matrix", "roc_curves", "reliability"):
+        assert (tmp_path/"ev"/"figures"/f"{f}.png").is_file()
+    assert "balanced_accuracy" in clf.metrics_table(m)
+    with pytest.raises(ConfigError, match="duplicates"): clf.write_predictions_csv(tmp_path/"x.csv", ["a", "a"], p[:2], SKIN)
+    assert not (tmp_path/"x.csv").exists()
+
+
+# ---------------------------------------------------------------- training, files, CLI functions
+
+def _tiny_data(n=48, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.randint(0, 60, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    x[:, 0] += (y * 90).to(torch.uint8)[:, None, None]                  # class = amount of red: learnable
+    return x, y
+
+
+def _tiny_fit(ckpt_dir, steps=6, stop_first=None):
+    x, y = _tiny_data()
+    cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-3, ema_decay=0.5, ckpt_every=100, seed=0)
+    if stop_first is not None:                                          # simulate an interrupted run
+        torch.manual_seed(0)
+        m = clf.create_classifier(3, pretrained=False)
+        loss_fn = clf.classifier_loss_fn([0.5] * 3, [0.5] * 3, clf.class_weights(y, 3), 0.1, clf.Augment())
+        meta = dict(task="classifier", arch=clf.LITE0_ARCH, classes=["a", "b", "c"], image_size=32, mean=[0.5] * 3,
+                    std=[0.5] * 3, imbalance="sqrt", label_smoothing=0.1,
+                    augment=dict(dihedral=True, brightness=0.1, contrast=0.1, saturation=0.1))
+        train(m, loss_fn, (x, y), cfg, ckpt_dir=ckpt_dir, device="cpu", meta=meta, progress=False, stop_at=stop_first)
+    torch.manual_seed(0)
+    return clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, (x[:24], y[:24]),
+                                class_names=["a", "b", "c"], eval_every=3, ckpt_dir=ckpt_dir, device="cpu", progress=False)
+
+
+def test_train_classifier_selects_and_resumes(tmp_path):
+    a = _tiny_fit(tmp_path/"a")
+    assert [h["step"] for h in a.history] == [3, 6]
+    assert a.best_step == max(a.history, key=lambda h: h["balanced_accuracy"])["step"]
+    sel = json.loads((tmp_path/"a"/"selection.json").read_text())
+    assert sel["best_step"] == a.best_step and (tmp_path/"a"/"best.pt").is_file()
+    b = _tiny_fit(tmp_path/"b", stop_first=3)                           # killed at step 3 before its evaluation
+    assert [h["step"] for h in b.history] == [3, 6]
+    assert b.history == a.history
+    for (k, v), w in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(v, w), k                                     # bitwise identical to the uninterrupted run
+    c = _tiny_fit(tmp_path/"a")                                         # finished run: nothing retrained
+    assert c.history == a.history and c.train.resumed_from == 6
+
+
+def test_save_load_evaluate_predict(tmp_path):
+    x, y = _tiny_data(n=12)
+    torch.manual_seed(0)
+    m = clf.create_classifier(3, pretrained=False)
+    meta = dict(arch=clf.LITE0_ARCH, classes=["a", "b", "c"], image_size=32, mean=[0.5] * 3, std=[0.5] * 3, note="x")
+    path = clf.save_classifier(m, tmp_path/"models"/"skin_classifier.pt", meta)
+    m2, meta2 = clf.load_classifier(path)
+    assert meta2 == meta
+    p1 = clf.predict_proba(m, x, meta["mean"], meta["std"], device="cpu")
+    p2 = clf.predict_proba(m2, x, meta["mean"], meta["std"], device="cpu")
+    assert torch.allclose(p1, p2) and torch.allclose(p1.sum(1), torch.ones(len(x)))
+    pt = clf.predict_proba(m2, x, meta["mean"], meta["std"], tta=True, device="cpu")
+    assert pt.shape == p1.shape and torch.allclose(pt.sum(1), torch.ones(len(x)))
+
+    ids = [f"img{i}" for i in range(len(x))]
+    res = clf.evaluate_checkpoint(path, x, y, ids, tmp_path/"ev", ["a", "b", "c"], n_boot=20)
+    assert (tmp_path/"ev"/"predictions.csv").read_text().splitlines()[0] == "image,a,b,c"
+    assert res["accuracy"] == pytest.approx(float((p1.argmax(1) == y).float().mean()))
+    big = clf.evaluate_checkpoint(path, torch.nn.functional.interpolate(x.float(), 48).round().to(torch.uint8), y, ids,
+                                  None, ["a", "b", "c"], n_boot=0)
+    assert big["resized_from"] == [48, 48]
+    with pytest.raises(SkindiffError, match=r"trained on classes \['a', 'b', 'c'\].*data has classes \['a', 'c', 'b'\]"):
+        clf.evaluate_checkpoint(path, x, y, ids, tmp_path/"bad", ["a", "c", "b"])
+    assert not (tmp_path/"bad").exists()
+
+    from PIL import Image
+    files = []
+    for i, size in enumerate([(40, 30), (32, 32)]):                     # non-square input is centre-cropped
+        files.append(tmp_path/f"im{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(files[-1])
+    out = clf.predict(path, files, k=3)
+    assert [r["image"] for r in out] == [str(f) for f in files]
+    for r in out:
+        probs = [p for _, p in r["top"]]
+        assert len(r["top"]) == 3 and probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-5)
+    with pytest.raises(ConfigError, match="k=4"): clf.predict(path, files, k=4)
+
+    with pytest.raises(ConfigError, match="missing"): clf.save_classifier(m, tmp_path/"x.pt", dict(arch="a"))
+    (tmp_path/"junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"): clf.load_classifier(tmp_path/"junk.pt")
+    torch.save(dict(format="other"), tmp_path/"other.pt")
+    with pytest.raises(CheckpointError, match="not a skindiff classifier"): clf.load_classifier(tmp_path/"other.pt")
+
+
+def test_load_classifier_from_training_checkpoint(tmp_path):
+    fit = _tiny_fit(tmp_path/"ck", steps=3)
+    last = list_checkpoints(tmp_path/"ck")[-1]
+    m, meta = clf.load_classifier(last)
+    assert meta["classes"] == ["a", "b", "c"] and meta["image_size"] == 32
+    for (k, v), w in zip(m.state_dict().items(), fit.train.ema.state_dict().values()): assert torch.equal(v, w), k
+
+
+def test_train_classifier_bad_input():
+    x, y = _tiny_data(n=12)
+    cfg = TrainConfig(steps=1, batch_size=4)
+    m = clf.create_classifier(3, pretrained=False)
+    with pytest.raises(ConfigError, match="uint8"): clf.train_classifier(m, (x.float(), y), cfg, class_names=["a", "b", "c"])
+    with pytest.raises(ConfigError, match="labels"): clf.train_classifier(m, (x, y[:5]), cfg, class_names=["a", "b", "c"])
+    with pytest.raises(ConfigError, match="0..1"): clf.train_classifier(m, (x, y), cfg, class_names=["a", "b"])
