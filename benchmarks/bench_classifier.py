@@ -1,0 +1,86 @@
+"""Training and inference throughput (images/s) and peak memory of the skin classifier (timm tf_efficientnet_lite0,
+7-class head) at several resolutions.
+
+Training = one step of `skindiff.train`'s work for a classifier: augmentation (dihedral view + colour jitter),
+normalisation, forward, weighted label-smoothed cross-entropy, backward, AdamW. Inference = `predict_proba`
+(softmax, no TTA; TTA costs 8×). Each resolution runs in its own subprocess, so peak memory (max RSS on CPU,
+`max_memory_allocated` on CUDA) belongs to that resolution alone. Not a test: run it by hand, e.g.
+
+    nice -n 19 python benchmarks/bench_classifier.py --device cpu --sizes 64 96 128 224 --batch 32 --iters 4
+"""
+from __future__ import annotations
+import argparse, json, resource, statistics, subprocess, sys, time
+
+NUM_CLASSES = 7
+WARMUP_ITERS = 1
+
+
+def measure(size: int, device: str, batch: int, iters: int, threads: int) -> dict:
+    "Median seconds per training step and per inference batch at `size` px, and peak memory."
+    import torch
+    from skindiff import classifier as clf
+    from skindiff.train import EMA
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = clf.create_classifier(NUM_CLASSES).to(device).to(memory_format=torch.channels_last)
+    mean, std = clf.normalisation(clf.LITE0_ARCH)
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    y = torch.arange(batch, device=device) % NUM_CLASSES
+    loss_fn = clf.classifier_loss_fn(mean, std, torch.ones(NUM_CLASSES), 0.1, clf.Augment())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ema = EMA(model, 0.999)
+    cuda = device.startswith("cuda")
+    if cuda: torch.cuda.reset_peak_memory_stats()
+
+    def timed(fn):
+        ts = []
+        for i in range(WARMUP_ITERS + iters):
+            t0 = time.perf_counter(); fn()
+            if cuda: torch.cuda.synchronize()
+            if i >= WARMUP_ITERS: ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    def train_step():
+        model.train()
+        g = torch.Generator(device=device).manual_seed(0)
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+            loss = loss_fn(model, (x, y), g)
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); ema.update(model, 100)
+
+    train_s = timed(train_step)
+    infer_s = timed(lambda: clf.predict_proba(model, x, mean, std, batch_size=batch, device=device))
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return dict(size=size, batch=batch, device=device, threads=threads, train_step_s=train_s, train_images_per_s=batch / train_s,
+                infer_batch_s=infer_s, infer_images_per_s=batch / infer_s, peak_mib=peak,
+                peak_kind="cuda max_memory_allocated" if cuda else "process max RSS")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128, 224])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=4, help="timed iterations after warm-up (median is reported)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--_one", type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a._one is not None:
+        print(json.dumps(measure(a._one, a.device, a.batch, a.iters, a.threads))); return
+    rows = []
+    for s in a.sizes:
+        cmd = [sys.executable, __file__, "--_one", str(s), "--device", a.device, "--batch", str(a.batch),
+               "--iters", str(a.iters), "--threads", str(a.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0: sys.exit(f"size {s} failed:\n{out.stderr[-2000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"tf_efficientnet_lite0, {NUM_CLASSES} classes, batch {a.batch}, device {a.device}, {a.threads} threads")
+    print(f"{'px':>5} {'train img/s':>12} {'infer img/s':>12} {'peak MiB':>10}")
+    for r in rows: print(f"{r['size']:5d} {r['train_images_per_s']:12.1f} {r['infer_images_per_s']:12.1f} {r['peak_mib']:10.0f}")
+    if a.json:
+        from skindiff.core import atomic_write_json
+        atomic_write_json(a.json, rows)
+
+
+if __name__ == "__main__":
+    main()
