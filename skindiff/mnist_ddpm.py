@@ -21,14 +21,14 @@ from .train import TrainConfig, TrainResult, train
 from .samplers import SampleResult, eps_fn_from_model, sample
 
 # %% auto #0
-__all__ = ['MNIST_SIZE', 'MnistDDPMConfig', 'mnist_training_images', 'train_mnist_ddpm', 'sample_images']
+__all__ = ['MNIST_SIZE', 'DDPMRecipe', 'train_ddpm', 'MnistDDPMConfig', 'mnist_training_images', 'train_mnist_ddpm',
+           'sample_images']
 
 # %% ../nbs/08_ddpm_mnist.ipynb #f1fe6cf6
-MNIST_SIZE = 28
-
 @dataclasses.dataclass
-class MnistDDPMConfig:
-    "Everything that defines the MNIST DDPM: model, schedule, objective and optimisation."
+class DDPMRecipe:
+    """Everything that defines a DDPM trained through `skindiff.train`: model (a U-Net preset), schedule,
+    objective and optimisation. Dataset chapters subclass it (MNIST here, CIFAR-10 in chapter 11)."""
     train_steps: int = 2000
     batch_size: int = 64
     lr: float = 2e-3
@@ -39,11 +39,47 @@ class MnistDDPMConfig:
     min_snr_gamma: float | None = 5.0
     grad_clip: float = 1.0
     base_channels: int = 32
-    image_size: int = MNIST_SIZE       # 28 (native) or 32 (padded by 2 px)
+    image_size: int = 32
     schedule: str = "linear"
     T: int = 1000
     prediction: str = "eps"
     seed: int = 0
+    preset = "mnist"                   # class attributes, not fields: fixed by the subclass
+    dataset = "mnist"
+
+    def unet_config(self):
+        "The U-Net preset at this width and image size."
+        return unet_preset(self.preset, base_channels=self.base_channels, image_size=self.image_size)
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(steps=self.train_steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
+                           lr_schedule=self.lr_schedule, min_lr_ratio=self.min_lr_ratio, ema_decay=self.ema_decay,
+                           grad_clip=self.grad_clip, ckpt_every=max(1, min(500, self.train_steps // 4)), seed=self.seed)
+    def meta(self) -> dict:
+        "What a checkpoint of this model must match (architecture, data, schedule, objective)."
+        return dict(model=f"unet-{self.preset}", unet=self.unet_config().to_dict(), dataset=self.dataset,
+                    schedule=self.schedule, T=self.T, prediction=self.prediction, min_snr_gamma=self.min_snr_gamma)
+
+def train_ddpm(recipe: DDPMRecipe, images: Tensor, ckpt_dir: str | os.PathLike | None = None, device: str | None = None,
+               progress: bool = True, desc: str | None = None) -> tuple[TrainResult, NoiseSchedule]:
+    """Train (or resume, or just load when finished) `recipe` on `images` (N, C, H, W) in [-1, 1];
+    returns the training result and its schedule."""
+    dev = get_device(device)
+    schedule = get_schedule(recipe.schedule, T=recipe.T)
+    torch.manual_seed(recipe.seed)
+    model = UNet(recipe.unet_config())
+    if dev.type == "cpu": model = model.to(memory_format=torch.channels_last)
+    loss_fn = make_ddpm_loss(schedule, prediction=recipe.prediction, min_snr_gamma=recipe.min_snr_gamma)
+    res = train(model, loss_fn, (images,), recipe.train_config(), ckpt_dir=ckpt_dir, device=dev, meta=recipe.meta(),
+                progress=progress, desc=desc or f"DDPM on {recipe.dataset}")
+    return res, schedule
+
+# %% ../nbs/08_ddpm_mnist.ipynb #b7b9bd8f
+MNIST_SIZE = 28
+
+@dataclasses.dataclass
+class MnistDDPMConfig(DDPMRecipe):
+    "The MNIST DDPM: the defaults are the `cpu` profile's recipe, at the native 28 px."
+    image_size: int = MNIST_SIZE       # 28 (native) or 32 (padded by 2 px)
 
     def __post_init__(self):
         if self.image_size not in (MNIST_SIZE, MNIST_SIZE + 4):
@@ -54,14 +90,7 @@ class MnistDDPMConfig:
         "The mnist preset at this image size (self-attention at the lowest resolution, image_size / 4)."
         return unet_preset("mnist", base_channels=self.base_channels, image_size=self.image_size,
                            attention_resolutions=(self.image_size // 4,))
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.train_steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
-                           lr_schedule=self.lr_schedule, min_lr_ratio=self.min_lr_ratio, ema_decay=self.ema_decay,
-                           grad_clip=self.grad_clip, ckpt_every=max(1, min(500, self.train_steps // 4)), seed=self.seed)
-    def meta(self) -> dict:
-        "What a checkpoint of this model must match (architecture, data, schedule, objective)."
-        return dict(model="unet-mnist", unet=self.unet_config().to_dict(), dataset="mnist", pad=self.pad,
-                    schedule=self.schedule, T=self.T, prediction=self.prediction, min_snr_gamma=self.min_snr_gamma)
+    def meta(self) -> dict: return {**super().meta(), "pad": self.pad}
 
 def mnist_training_images(data=None, pad: int = 0) -> Tensor:
     "MNIST train as float N×1×(28+2·pad)² in [-1, 1] (padded with the background value, −1)."
@@ -71,22 +100,17 @@ def mnist_training_images(data=None, pad: int = 0) -> Tensor:
 def train_mnist_ddpm(cfg: MnistDDPMConfig, data=None, ckpt_dir: str | os.PathLike | None = None,
                      device: str | None = None, progress: bool = True) -> tuple[TrainResult, NoiseSchedule]:
     "Train (or resume, or just load when finished) the MNIST DDPM; returns the training result and its schedule."
-    dev = get_device(device)
-    schedule = get_schedule(cfg.schedule, T=cfg.T)
-    torch.manual_seed(cfg.seed)
-    model = UNet(cfg.unet_config())
-    if dev.type == "cpu": model = model.to(memory_format=torch.channels_last)
-    res = train(model, make_ddpm_loss(schedule, prediction=cfg.prediction, min_snr_gamma=cfg.min_snr_gamma), (mnist_training_images(data, cfg.pad),),
-                cfg.train_config(), ckpt_dir=ckpt_dir, device=dev, meta=cfg.meta(), progress=progress, desc="DDPM on MNIST")
-    return res, schedule
+    return train_ddpm(cfg, mnist_training_images(data, cfg.pad), ckpt_dir, device, progress, desc="DDPM on MNIST")
 
 def sample_images(model, schedule: NoiseSchedule, n: int, sampler: str, nfe: int, prediction: str = "eps",
-                  batch_size: int = 128, seed: int = 0, device: str | None = None, **kw) -> tuple[SampleResult, float]:
-    """Draw `n` images with `sampler` at `nfe` steps in batches of `batch_size`, seeded; returns the samples
-    (as one `SampleResult`, intermediates of the first batch only) and the wall time in seconds."""
+                  batch_size: int = 128, seed: int = 0, device: str | None = None, precision: str = "float32",
+                  **kw) -> tuple[SampleResult, float]:
+    """Draw `n` images with `sampler` at `nfe` steps in batches of `batch_size`, seeded, the network in
+    `precision`; returns the samples (as one `SampleResult`, intermediates of the first batch only) and the wall
+    time in seconds."""
     dev = get_device(device)
     model = model.to(dev).eval()
-    eps_fn = eps_fn_from_model(model, prediction=prediction, schedule=schedule)
+    eps_fn = eps_fn_from_model(model, prediction=prediction, schedule=schedule, precision=precision)
     g = torch.Generator(device=dev).manual_seed(seed)
     c, s = model.cfg.in_channels, model.cfg.image_size
     outs, first, t0 = [], None, time.time()

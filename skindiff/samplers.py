@@ -21,20 +21,25 @@ from .schedules import NoiseSchedule, check_timesteps, extract
 from .ddpm import call_model, check_output_shape, check_prediction, model_output_to_eps
 
 # %% auto #0
-__all__ = ['EpsFn', 'SPACINGS', 'VARIANCES', 'X0_CLIP', 'N_INTERMEDIATES', 'Sampler', 'SAMPLERS', 'eps_fn_from_model',
-           'score_fn_from_eps', 'make_timesteps', 'check_num_steps', 'check_timestep_sequence', 'ddpm_step',
-           'ddim_step', 'SampleResult', 'ddpm_sample', 'ddim_sample', 'sample', 'gaussian_eps_fn', 'gaussian_chain_std']
+__all__ = ['EpsFn', 'PRECISIONS', 'SPACINGS', 'VARIANCES', 'X0_CLIP', 'N_INTERMEDIATES', 'Sampler', 'SAMPLERS',
+           'eps_fn_from_model', 'score_fn_from_eps', 'make_timesteps', 'check_num_steps', 'check_timestep_sequence',
+           'ddpm_step', 'ddim_step', 'SampleResult', 'ddpm_sample', 'ddim_sample', 'sample', 'gaussian_eps_fn',
+           'gaussian_chain_std']
 
 # %% ../nbs/07_samplers.ipynb #0389aabc
 EpsFn = Callable[[Tensor, Tensor], Tensor]      # eps_fn(x_t (B, …), t (B,) 0-based LongTensor) -> ε̂ (B, …)
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}   # network precision while sampling
 
 def eps_fn_from_model(model: Callable, prediction: str = "eps", y: Tensor | int | None = None,
                       guidance_scale: float | None = None, null_class: int | None = None,
-                      schedule: NoiseSchedule | None = None) -> EpsFn:
+                      schedule: NoiseSchedule | None = None, precision: str = "float32") -> EpsFn:
     """Wrap a network `model(x_t, t[, y])` as an `eps_fn`. `prediction` says what it outputs ('eps', 'x0', 'v';
     the latter two need `schedule`). With labels `y` ((B,) or one int) and `guidance_scale` w, returns the
-    classifier-free guided ε = (1+w) ε(y) − w ε(null_class)."""
+    classifier-free guided ε = (1+w) ε(y) − w ε(null_class). `precision` ('float32' or 'bfloat16') is the
+    network's: bfloat16 runs it under autocast and returns float32 ε̂."""
     check_prediction(prediction)
+    if precision not in PRECISIONS: raise ConfigError(f"precision={precision!r}: expected one of {sorted(PRECISIONS)}")
+    amp_dtype = PRECISIONS[precision]
     if prediction != "eps" and schedule is None:
         raise ConfigError(f"schedule: needed to convert a {prediction!r} prediction to ε")
     if guidance_scale is not None:
@@ -56,6 +61,11 @@ def eps_fn_from_model(model: Callable, prediction: str = "eps", y: Tensor | int 
         return model_output_to_eps(out, x_t, t, on_device[x_t.device], prediction)
 
     def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
+        if amp_dtype is None: return guided_eps(x_t, t)
+        with torch.autocast(x_t.device.type, dtype=amp_dtype):
+            return guided_eps(x_t, t).to(x_t.dtype)
+
+    def guided_eps(x_t: Tensor, t: Tensor) -> Tensor:
         yy = labels(x_t)
         if guidance_scale is None: return to_eps(call_model(model, x_t, t, yy), x_t, t)
         out = call_model(model, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([yy, torch.full_like(yy, null_class)]))

@@ -102,8 +102,10 @@ CHAPTERS: list[Chapter] = [
 
 # The MNIST DDPM recipe is shared by chapters 08 and 09 (09 reuses 08's checkpoint, so they must agree).
 MNIST_DDPM_CPU = dict(train_steps=2000, batch_size=64, lr=2e-3, warmup_steps=100, ema_decay=0.995, min_snr_gamma=5.0,
-                      base_channels=32, image_size=28, ddpm_nfe=1000, variance="beta")
-MNIST_DDPM_GPU = dict(MNIST_DDPM_CPU, train_steps=20000, batch_size=128, lr=1e-3, base_channels=64, ema_decay=0.9995)
+                      base_channels=32, image_size=28, ddpm_nfe=1000, variance="beta",
+                      sample_precision="bfloat16")      # 1.40× faster sampling on this AMX CPU, same quality (chapter 07)
+MNIST_DDPM_GPU = dict(MNIST_DDPM_CPU, train_steps=20000, batch_size=128, lr=1e-3, base_channels=64, ema_decay=0.9995,
+                      sample_precision="float32")
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "ci": {},                                   # the notebooks' own defaults

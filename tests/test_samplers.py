@@ -246,3 +246,23 @@ def test_bad_input():
     with pytest.raises(ConfigError, match="labels"): eps_fn_from_model(_Net(), guidance_scale=1.0, null_class=10)
     with pytest.raises(ConfigError, match="prediction"): eps_fn_from_model(_Net(), "score")
     assert set(SAMPLERS) >= {"ddpm", "ddim"}
+
+
+def test_bfloat16_precision_returns_float32_close_to_float32():
+    "precision='bfloat16' runs the network under autocast but hands the sampler float32 ε̂ close to the float32 one."
+    from skindiff.unet import UNet, unet_preset
+    torch.manual_seed(0)
+    model = UNet(unet_preset("mnist", base_channels=16, image_size=16, attention_resolutions=(4,))).eval()
+    with torch.no_grad():   # give the zero-initialised output layer weights, so ε̂ is not identically 0
+        for p in model.parameters(): p.add_(0.05 * torch.randn_like(p))
+        x, t = torch.randn(4, 1, 16, 16), torch.tensor([0, 10, 500, 999])
+        e32 = eps_fn_from_model(model)(x, t)
+        e16 = eps_fn_from_model(model, precision="bfloat16")(x, t)
+    assert e16.dtype == torch.float32 and e32.abs().mean() > 0.01
+    rel = ((e16 - e32).norm() / e32.norm()).item()
+    assert 0 < rel < 0.05, rel
+
+
+def test_unknown_precision_is_named():
+    with pytest.raises(ConfigError, match="precision='float16'"):
+        eps_fn_from_model(lambda x, t: x, precision="float16")
