@@ -1,4 +1,4 @@
-"""`skindiff study …` and the commands later chapters add.
+"""`skindiff study`, `skindiff evaluate`, `skindiff predict` and `skindiff download`.
 
 Docs: https://skindiff.github.io/skindiff/cli.html.md"""
 
@@ -7,12 +7,13 @@ Docs: https://skindiff.github.io/skindiff/cli.html.md"""
 # %% ../nbs/99_cli.ipynb #52441cd5
 from __future__ import annotations
 import argparse, sys
+from pathlib import Path
 
-from .core import SkindiffError
+from .core import ConfigError, SkindiffError
 from . import study
 
 # %% auto #0
-__all__ = ['EXIT_USAGE', 'EXIT_FAILED', 'main']
+__all__ = ['EXIT_USAGE', 'EXIT_FAILED', 'evaluation_data', 'main']
 
 # %% ../nbs/99_cli.ipynb #7ff3a4e1
 EXIT_USAGE, EXIT_FAILED = 2, 1
@@ -30,8 +31,83 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed injected into every chapter (default: 0)")
     s.add_argument("--nbs", help="folder of the chapter notebooks (default: the checkout's nbs/)")
     s.add_argument("--force", action="store_true", help="rerun chapters that already finished")
+    e = sub.add_parser("evaluate", help="evaluate a skin-lesion classifier on a dataset",
+                       description="Metrics with bootstrap 95-percent CIs, figures, metrics.json and an ISIC 2018 Task 3 predictions.csv.")
+    e.add_argument("--model", required=True, help="classifier file, e.g. runs/cpu/models/skin_classifier.pt")
+    e.add_argument("--data", required=True, help="dataset folder (or DermaMNIST .npz)")
+    e.add_argument("--format", help="ham10000, isic2018, imagefolder, dermamnist or ph2 (default: detected)")
+    e.add_argument("--split", help="evaluate only this split: train/val/test (DermaMNIST: its own; others need --split-csv)")
+    e.add_argument("--split-csv", help="split CSV written by the study (runs/NAME/splits/*.csv) that assigns the splits")
+    e.add_argument("--out", help="folder for metrics.json, predictions.csv and figures (default: skindiff-eval/<model>-<data>)")
+    e.add_argument("--tta", action="store_true", help="average the 8 flips/rotations (test-time augmentation)")
+    e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (default: 1000)")
+    e.add_argument("--device", help="cpu, cuda or cuda:N")
+    r = sub.add_parser("predict", help="top-k classes of lesion images", description="Print the top-k classes with probabilities.")
+    r.add_argument("--model", required=True, help="classifier file, e.g. runs/cpu/models/skin_classifier.pt")
+    r.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    r.add_argument("-k", type=int, default=3, help="how many classes to print (default: 3)")
+    r.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
+    r.add_argument("--device", help="cpu, cuda or cuda:N")
+    d = sub.add_parser("download", help="download a skin dataset (needs the internet)",
+                       description="Download, verify (size and checksum) and unpack a dataset; nothing is left half-written.")
+    d.add_argument("dataset", choices=["ham10000", "isic2018", "dermamnist"])
+    d.add_argument("--dest", help="target folder (default: the skindiff cache)")
     return p
 
+# %% ../nbs/99_cli.ipynb #3af23fee
+def evaluation_data(data: str, format: str | None = None, size: int = 64, split: str | None = None,
+                    split_csv: str | None = None):
+    """What `skindiff evaluate` scores: (uint8 images N×3×size×size, labels, image ids, lesion ids or None, a
+    description). DermaMNIST takes `split` from its .npz (default test); other formats take it from `split_csv`."""
+    import pandas as pd
+    from skindiff import skin
+    root = Path(data).expanduser()
+    fmt = format or skin.detect_format(root)
+    if fmt not in skin.FORMATS: raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(skin.FORMATS)}")
+    if fmt == "dermamnist":
+        npz = root if root.is_file() else next(iter(sorted(root.glob("*.npz"))), None)
+        if npz is None: raise ConfigError(f"--data {root}: no DermaMNIST .npz there")
+        split = split or "test"
+        x, y = skin.load_dermamnist(npz, split, size)
+        return x, y, [f"dermamnist_{split}_{i:05d}" for i in range(len(y))], None, f"{npz} [{split}]"
+    table = skin.read_skin_table(root, fmt)
+    if split_csv is not None:
+        assigned = skin.read_split_csv(split_csv)[["image_id", "split"]]
+        table = table.merge(assigned, on="image_id", how="inner")
+        if table.empty: raise ConfigError(f"--split-csv {split_csv}: none of its image ids are in {root}")
+    if split is not None:
+        if "split" not in table: raise ConfigError(f"--split {split}: {root} has no splits; pass --split-csv as well")
+        if split not in set(table["split"]): raise ConfigError(f"--split {split!r}: {split_csv} has splits {sorted(set(table['split']))}")
+        table = table[table["split"] == split].reset_index(drop=True)
+    x, y = skin.skin_tensors(table, None, size, dataset=fmt)
+    groups = table["lesion_id"] if "lesion_id" in table and table["lesion_id"].notna().all() else None
+    return x, y, list(table["image_id"]), groups, f"{root} ({fmt}{', ' + split if split else ''}, {len(table)} images)"
+
+def _evaluate(args) -> None:
+    from skindiff.classifier import evaluate_checkpoint, load_classifier, metrics_table
+    from skindiff.skin import SKIN_CLASSES
+    _, meta = load_classifier(args.model)
+    x, y, ids, groups, what = evaluation_data(args.data, args.format, int(meta["image_size"]), args.split, args.split_csv)
+    out = Path(args.out) if args.out else Path("skindiff-eval")/f"{Path(args.model).stem}-{Path(args.data).name}"
+    print(f"evaluating {args.model} ({meta['arch']}, {meta['image_size']} px) on {what}", flush=True)
+    m = evaluate_checkpoint(args.model, x, y, ids, out, list(SKIN_CLASSES), groups=groups, tta=args.tta,
+                            n_boot=args.n_boot, device=args.device)
+    print(metrics_table(m))
+    print(f"wrote {out}/metrics.json, {out}/predictions.csv (ISIC 2018 Task 3 format) and figures")
+
+def _predict(args) -> None:
+    from skindiff.classifier import predict
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing: raise ConfigError(f"IMAGE: {missing[0]} does not exist" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for row in predict(args.model, args.images, k=args.k, tta=args.tta, device=args.device):
+        print(f"{row['image']}: " + ", ".join(f"{c} {p:.3f}" for c, p in row["top"]))
+
+def _download(args) -> None:
+    from skindiff import skin
+    fetch = {"ham10000": skin.download_ham10000, "isic2018": skin.download_isic2018, "dermamnist": skin.download_dermamnist}
+    print(f"downloaded {args.dataset} to {fetch[args.dataset](args.dest)}")
+
+# %% ../nbs/99_cli.ipynb #8f68e1f3
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `skindiff` console script."
     args = _parser().parse_args(argv)
@@ -40,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             states = study.run_study(args.profile, args.out, only=args.only, data=args.data, device=args.device,
                                      seed=args.seed, nbs=args.nbs, force=args.force, log=lambda m: print(m, flush=True))
             print(f"study finished: {len(states)} chapters, results in {args.out}/results.json")
+        elif args.command == "evaluate": _evaluate(args)
+        elif args.command == "predict": _predict(args)
+        elif args.command == "download": _download(args)
     except study.StudyError as e:
         print(f"skindiff: error: {e}", file=sys.stderr); return EXIT_FAILED
     except SkindiffError as e:

@@ -1,0 +1,81 @@
+"The skin subcommands of the CLI: evaluate, predict, download (argument checking only: no internet here)."
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from skindiff.cli import main, EXIT_USAGE, evaluation_data
+from skindiff.classifier import create_classifier, save_classifier
+from skindiff.data import find_data_root
+from skindiff.skin import SKIN_CLASSES, skin_split
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def data_root():
+    try: return find_data_root(None, need="ph2")
+    except Exception: pytest.skip("the shared data (ph2, ham10000) is not available")
+
+
+def _model(path, classes=SKIN_CLASSES):
+    torch.manual_seed(0)
+    m = create_classifier(len(classes), pretrained=False)
+    return save_classifier(m, path, dict(arch="tf_efficientnet_lite0", classes=list(classes), image_size=SIZE,
+                                         mean=[0.5] * 3, std=[0.5] * 3))
+
+
+def test_evaluate_ph2_writes_metrics_and_isic_csv(tmp_path, data_root, capsys):
+    ckpt = _model(tmp_path/"clf.pt")
+    out = tmp_path/"eval"
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(data_root/"ph2"), "--out", str(out), "--n-boot", "20"]) == 0
+    m = json.loads((out/"metrics.json").read_text())
+    assert m["n"] == 200 and 0 <= m["accuracy"] <= 1
+    header = (out/"predictions.csv").read_text().splitlines()[0]
+    assert header == "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC"
+    assert "balanced_accuracy" in capsys.readouterr().out
+
+
+def test_evaluate_with_split_csv_keeps_only_that_split(tmp_path, data_root):
+    split = skin_split(data_root, out=tmp_path/"split.csv")
+    x, y, ids, groups, what = evaluation_data(str(data_root/"ham10000"), None, 16, "test", str(tmp_path/"split.csv"))
+    test_ids = set(split.loc[split["split"] == "test", "image_id"])
+    assert set(ids) == test_ids and len(x) == len(y) == len(ids) and x.shape[1:] == (3, 16, 16)
+    assert groups is not None and len(groups) == len(ids)
+
+
+def test_evaluate_model_of_other_classes_is_refused(tmp_path, data_root, capsys):
+    ckpt = _model(tmp_path/"cifar.pt", classes=[f"c{i}" for i in range(10)])
+    out = tmp_path/"eval"
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(data_root/"ph2"), "--out", str(out), "--n-boot", "0"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "trained on classes" in err and "akiec" in err and not out.exists()
+
+
+def test_evaluate_split_without_csv_is_named(tmp_path, data_root, capsys):
+    ckpt = _model(tmp_path/"clf.pt")
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(data_root/"ph2"), "--split", "test"]) == EXIT_USAGE
+    assert "--split-csv" in capsys.readouterr().err
+
+
+def test_predict_prints_top_k(tmp_path, data_root, capsys):
+    ckpt = _model(tmp_path/"clf.pt")
+    imgs = sorted((data_root/"ph2").rglob("*.jpg"))[:2] or sorted((data_root/"ph2").rglob("*.png"))[:2]
+    assert main(["predict", "--model", str(ckpt), "-k", "2", *map(str, imgs)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(line.count(",") == 1 for line in lines)
+    for line in lines:
+        probs = [float(tok.split()[-1]) for tok in line.split(": ", 1)[1].split(", ")]
+        assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
+
+
+def test_predict_missing_image_and_bad_model(tmp_path, capsys):
+    ckpt = _model(tmp_path/"clf.pt")
+    assert main(["predict", "--model", str(ckpt), str(tmp_path/"nope.jpg")]) == EXIT_USAGE
+    assert "nope.jpg does not exist" in capsys.readouterr().err
+    (tmp_path/"bad.pt").write_bytes(b"not a checkpoint")
+    img = tmp_path/"x.png"
+    from PIL import Image; Image.new("RGB", (40, 30), (120, 80, 60)).save(img)
+    assert main(["predict", "--model", str(tmp_path/"bad.pt"), str(img)]) == EXIT_USAGE
+    assert "bad.pt" in capsys.readouterr().err
