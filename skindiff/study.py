@@ -98,6 +98,9 @@ CHAPTERS: list[Chapter] = [
     Chapter("07_samplers"),
     Chapter("08_ddpm_mnist", needs=("MNIST/raw",)),
     Chapter("09_ddim_mnist", needs=("MNIST/raw",)),
+    Chapter("10_metrics", needs=("cifar10/cifar10-jpg.tar.gz",)),
+    Chapter("14_skin_data", needs=("ham10000", "ph2")),
+    Chapter("15_classifier", needs=("cifar10/cifar10-jpg.tar.gz", "ham10000")),
 ]
 
 # The MNIST DDPM recipe is shared by chapters 08 and 09 (09 reuses 08's checkpoint, so they must agree).
@@ -119,6 +122,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "08_ddpm_mnist": {**MNIST_DDPM_CPU, "n_samples": 256, "sample_batch": 128, "min_confidence": 0.90, "min_entropy_ratio": 0.97},
         "09_ddim_mnist": {**MNIST_DDPM_CPU, "nfes": [10, 20, 50, 100, 1000], "n_eval": 256, "sample_batch": 128,
                           "max_ddim50_ratio": 1.25},
+        "10_metrics": {"n_fid": 2000, "n_compare": 200},
+        "14_skin_data": {"decode_all": True, "image_size": 64},
     },
     "gpu": {
         "02_forward_process": {"n_digits": 8},
@@ -130,6 +135,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "08_ddpm_mnist": {**MNIST_DDPM_GPU, "n_samples": 10000, "sample_batch": 1000, "min_confidence": 0.90, "min_entropy_ratio": 0.97},
         "09_ddim_mnist": {**MNIST_DDPM_GPU, "nfes": [10, 20, 50, 100, 1000], "n_eval": 10000, "sample_batch": 1000,
                           "max_ddim50_ratio": 1.25},
+        "10_metrics": {"n_fid": 10000, "n_compare": 1000, "batch_size": 200},
+        "14_skin_data": {"decode_all": True, "image_size": 128},
     },
 }
 
