@@ -86,10 +86,14 @@ class MnistDDPMConfig(DDPMRecipe):
             raise ConfigError(f"image_size={self.image_size}: expected {MNIST_SIZE} (native) or {MNIST_SIZE + 4} (padded)")
     @property
     def pad(self) -> int: return (self.image_size - MNIST_SIZE) // 2
+    channel_mults: tuple[int, ...] = (1, 2, 2)   # widths per level, × base_channels
+    num_res_blocks: int = 1
+
     def unet_config(self):
-        "The mnist preset at this image size (self-attention at the lowest resolution, image_size / 4)."
+        "The mnist preset at this image size and shape (self-attention at the lowest resolution, image_size / 4)."
         return unet_preset("mnist", base_channels=self.base_channels, image_size=self.image_size,
-                           attention_resolutions=(self.image_size // 4,))
+                           channel_mults=tuple(self.channel_mults), num_res_blocks=self.num_res_blocks,
+                           attention_resolutions=(self.image_size // 2 ** (len(self.channel_mults) - 1),))
     def meta(self) -> dict: return {**super().meta(), "pad": self.pad}
 
 def mnist_training_images(data=None, pad: int = 0) -> Tensor:
