@@ -8,6 +8,7 @@ Docs: https://skindiff.github.io/skindiff/ddpm_mnist.html.md"""
 # %% ../nbs/08_ddpm_mnist.ipynb #7992e712
 from __future__ import annotations
 import dataclasses, os, time
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -60,15 +61,20 @@ class DDPMRecipe:
                     schedule=self.schedule, T=self.T, prediction=self.prediction, min_snr_gamma=self.min_snr_gamma)
 
 def train_ddpm(recipe: DDPMRecipe, images: Tensor, ckpt_dir: str | os.PathLike | None = None, device: str | None = None,
-               progress: bool = True, desc: str | None = None) -> tuple[TrainResult, NoiseSchedule]:
+               progress: bool = True, desc: str | None = None,
+               augment: Callable[[Tensor, torch.Generator], Tensor] | None = None) -> tuple[TrainResult, NoiseSchedule]:
     """Train (or resume, or just load when finished) `recipe` on `images` (N, C, H, W) in [-1, 1];
-    returns the training result and its schedule."""
+    returns the training result and its schedule. `augment(x0, generator)`, when given, transforms each batch
+    with the training step's own generator, so a resumed run draws the same augmentations."""
     dev = get_device(device)
     schedule = get_schedule(recipe.schedule, T=recipe.T)
     torch.manual_seed(recipe.seed)
     model = UNet(recipe.unet_config())
     if dev.type == "cpu": model = model.to(memory_format=torch.channels_last)
     loss_fn = make_ddpm_loss(schedule, prediction=recipe.prediction, min_snr_gamma=recipe.min_snr_gamma)
+    if augment is not None:
+        plain_loss = loss_fn
+        def loss_fn(model, batch, generator): return plain_loss(model, (augment(batch[0], generator), *batch[1:]), generator)
     res = train(model, loss_fn, (images,), recipe.train_config(), ckpt_dir=ckpt_dir, device=dev, meta=recipe.meta(),
                 progress=progress, desc=desc or f"DDPM on {recipe.dataset}")
     return res, schedule
