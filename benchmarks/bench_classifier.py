@@ -9,7 +9,9 @@ normalisation, forward, weighted label-smoothed cross-entropy, backward, AdamW. 
     nice -n 19 python benchmarks/bench_classifier.py --device cpu --sizes 64 96 128 224 --batch 32 --iters 4
 """
 from __future__ import annotations
-import argparse, json, resource, statistics, subprocess, sys, time
+import argparse, json, statistics, time
+
+from _common import peak_mib, run_worker
 
 NUM_CLASSES = 7
 WARMUP_ITERS = 1
@@ -49,10 +51,10 @@ def measure(size: int, device: str, batch: int, iters: int, threads: int) -> dic
 
     train_s = timed(train_step)
     infer_s = timed(lambda: clf.predict_proba(model, x, mean, std, batch_size=batch, device=device))
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak, peak_kind = peak_mib(cuda)
     return dict(size=size, batch=batch, device=device, threads=threads, train_step_s=train_s, train_images_per_s=batch / train_s,
                 infer_batch_s=infer_s, infer_images_per_s=batch / infer_s, peak_mib=peak,
-                peak_kind="cuda max_memory_allocated" if cuda else "process max RSS")
+                peak_kind=peak_kind)
 
 
 def main(argv=None):
@@ -69,11 +71,8 @@ def main(argv=None):
         print(json.dumps(measure(a._one, a.device, a.batch, a.iters, a.threads))); return
     rows = []
     for s in a.sizes:
-        cmd = [sys.executable, __file__, "--_one", str(s), "--device", a.device, "--batch", str(a.batch),
-               "--iters", str(a.iters), "--threads", str(a.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0: sys.exit(f"size {s} failed:\n{out.stderr[-2000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(run_worker(__file__, ["--_one", str(s), "--device", a.device, "--batch", str(a.batch),
+               "--iters", str(a.iters), "--threads", str(a.threads)], f"size {s}"))
     print(f"tf_efficientnet_lite0, {NUM_CLASSES} classes, batch {a.batch}, device {a.device}, {a.threads} threads")
     print(f"{'px':>5} {'train img/s':>12} {'infer img/s':>12} {'peak MiB':>10}")
     for r in rows: print(f"{r['size']:5d} {r['train_images_per_s']:12.1f} {r['infer_images_per_s']:12.1f} {r['peak_mib']:10.0f}")

@@ -8,7 +8,9 @@ its official download needs internet). Each runs in its own subprocess so that p
     python benchmarks/bench_features.py --device cpu --batch 50 --images 200
 """
 from __future__ import annotations
-import argparse, json, resource, subprocess, sys, time
+import argparse, json, time
+
+from _common import peak_mib, run_worker
 
 EXTRACTORS = ("skindiff", "torch-fidelity")
 WARMUP_BATCHES = 2          # TorchScript profiles its first calls; cuDNN picks algorithms
@@ -43,9 +45,9 @@ def measure(name: str, device: str, batch: int, images: int, threads: int) -> di
             f = fe(x[i:i + batch].to(device)).cpu()
         if cuda: torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak, peak_kind = peak_mib(cuda)
     return dict(extractor=name, images=len(x), seconds=dt, images_per_s=len(x) / dt, peak_mib=peak,
-                peak_kind="cuda max_memory_allocated" if cuda else "process max RSS", features=list(f.shape))
+                peak_kind=peak_kind, features=list(f.shape))
 
 
 def main(argv=None):
@@ -61,11 +63,8 @@ def main(argv=None):
     # One after the other: on a shared machine, check the load (uptime) and repeat.
     res = {}
     for name in EXTRACTORS:
-        cmd = [sys.executable, __file__, "--worker", name, "--device", a.device, "--batch", str(a.batch),
-               "--images", str(a.images), "--threads", str(a.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode: sys.exit(f"{name} failed:\n{out.stderr}")
-        res[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        res[name] = run_worker(__file__, ["--worker", name, "--device", a.device, "--batch", str(a.batch),
+                                          "--images", str(a.images), "--threads", str(a.threads)], name)
     print(f"device {a.device}, {a.images} CIFAR-10 images (32 px → 299 px), batch {a.batch}, "
           f"{WARMUP_BATCHES} warm-up batches, {a.threads} threads")
     for r in res.values():

@@ -7,7 +7,9 @@ itself (everything but the network) is measured with a zero ε-function. Not a t
     python benchmarks/bench_sampling.py --device cpu --n 64 --batch 64 --nfes 10 20 50 100
 """
 from __future__ import annotations
-import argparse, resource, time
+import argparse, time
+
+from _common import peak_mib
 
 import torch
 
@@ -54,8 +56,7 @@ def main() -> None:
             bf16 = run(eps_net, name, nfe, autocast=True) if args.bf16 else float("nan")
             overhead = run(zero, name, nfe)
             print(f"{name:8} {nfe:5d} {fp32:13.4f} {bf16:13.4f} {overhead:21.5f}", flush=True)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    print(f"peak memory {peak:.1f} MiB ({'max_memory_allocated' if dev.type == 'cuda' else 'process max RSS'})")
+    peak, peak_kind = peak_mib(dev.type == "cuda")
+    print(f"peak memory {peak:.1f} MiB ({peak_kind})")
 
 if __name__ == "__main__": main()

@@ -7,7 +7,9 @@ belongs to that model alone. Not a test: run it by hand, e.g.
     python benchmarks/bench_unet.py --device cpu --batch 128 --iters 5
 """
 from __future__ import annotations
-import argparse, json, resource, statistics, subprocess, sys, time
+import argparse, json, statistics, time
+
+from _common import peak_mib, run_worker
 
 MODELS = ("skindiff", "diffusers")
 IMAGE_SIZE, CHANNELS, T = 32, 1, 1000
@@ -48,11 +50,9 @@ def measure(name: str, device: str, batch: int, iters: int, threads: int, channe
         if device.startswith("cuda"): torch.cuda.synchronize()
         if i >= WARMUP_ITERS: times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)      # Linux: KiB
+    peak, peak_kind = peak_mib(device.startswith("cuda"))
     return dict(model=name, params=sum(p.numel() for p in model.parameters()), step_s=step_s,
-                images_per_s=batch / step_s, peak_mib=peak, peak_kind="cuda max_memory_allocated" if
-                device.startswith("cuda") else "process max RSS", times=times)
+                images_per_s=batch / step_s, peak_mib=peak, peak_kind=peak_kind, times=times)
 
 
 def main(argv=None):
@@ -70,11 +70,8 @@ def main(argv=None):
     # The two models run one after the other: on a shared machine, check the load (uptime) and repeat.
     res = {}
     for name in MODELS:
-        cmd = [sys.executable, __file__, "--worker", name, "--device", a.device, "--batch", str(a.batch),
-               "--iters", str(a.iters), "--threads", str(a.threads)] + (["--no-channels-last"] if a.no_channels_last else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode: sys.exit(f"{name} failed:\n{out.stderr}")
-        res[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        res[name] = run_worker(__file__, ["--worker", name, "--device", a.device, "--batch", str(a.batch), "--iters", str(a.iters),
+                                          "--threads", str(a.threads)] + (["--no-channels-last"] if a.no_channels_last else []), name)
     print(f"device {a.device}, batch {a.batch}×{CHANNELS}×{IMAGE_SIZE}×{IMAGE_SIZE}, {a.iters} timed iterations "
           f"after {WARMUP_ITERS} warm-up, {a.threads} threads, channels_last={cl}")
     for r in res.values():
