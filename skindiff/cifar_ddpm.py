@@ -25,7 +25,7 @@ from .metrics import (PortInception, extract_features, fid_result, inception_sco
 
 # %% auto #0
 __all__ = ['CIFAR_SIZE', 'FLIP_P', 'random_hflip', 'CifarDDPMConfig', 'cifar_training_images', 'train_cifar_ddpm',
-           'checkpoint_step', 'cifar_features', 'sample_metrics']
+           'cifar_features', 'sample_metrics']
 
 # %% ../nbs/11_cifar10_ddpm.ipynb #17561349
 CIFAR_SIZE = 32
@@ -76,11 +76,6 @@ def train_cifar_ddpm(cfg: CifarDDPMConfig, data=None, ckpt_dir: str | os.PathLik
     "Train (or resume, or just load when finished) the CIFAR-10 DDPM; returns the training result and its schedule."
     return train_ddpm(cfg, cifar_training_images(data, source), ckpt_dir, device, progress, desc="DDPM on CIFAR-10",
                       augment=random_hflip if cfg.hflip else None)
-
-def checkpoint_step(path: str | os.PathLike) -> int:
-    "The optimizer step of a checkpoint file `ckpt_00001000.pt`."
-    try: return int(Path(path).stem.split("_")[1])
-    except (IndexError, ValueError): raise ConfigError(f"{path}: not a checkpoint file name (ckpt_<step>.pt)") from None
 
 # %% ../nbs/11_cifar10_ddpm.ipynb #b4f455a6
 def _features_path(split: str, n: int | None, seed: int, source: str, weights_sha256: str) -> Path:

@@ -20,7 +20,8 @@ from .core import SkindiffError, ConfigError, atomic_torch_save, get_device
 
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'TrainConfig', 'lr_at', 'batch_indices', 'EMA', 'CheckpointError', 'NonFiniteLossError',
-           'checkpoint_path', 'list_checkpoints', 'load_checkpoint', 'TrainResult', 'train', 'load_weights']
+           'checkpoint_path', 'checkpoint_step', 'list_checkpoints', 'load_checkpoint', 'TrainResult', 'train',
+           'load_weights']
 
 # %% ../nbs/03_train.ipynb #68312ead
 @dataclasses.dataclass
@@ -110,6 +111,12 @@ CKPT_FORMAT = "skindiff-train-v1"
 _CKPT_RE = re.compile(r"ckpt_(\d{8})\.pt$")
 
 def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> Path: return Path(ckpt_dir)/f"ckpt_{step:08d}.pt"
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    "The optimizer step of a checkpoint file named by `checkpoint_path` (`ckpt_00001000.pt` → 1000)."
+    m = _CKPT_RE.match(Path(path).name)
+    if m is None: raise ConfigError(f"{path}: not a checkpoint file name (ckpt_<8-digit step>.pt)")
+    return int(m.group(1))
 
 def list_checkpoints(ckpt_dir: str | os.PathLike | None) -> list[Path]:
     "Checkpoints in `ckpt_dir`, oldest first."

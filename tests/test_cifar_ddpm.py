@@ -3,7 +3,8 @@ features, sample metrics."""
 import pytest, torch
 from torch import nn
 import skindiff.cifar_ddpm as CD
-from skindiff.cifar_ddpm import CifarDDPMConfig, random_hflip, checkpoint_step, sample_metrics, cifar_features
+from skindiff.cifar_ddpm import CifarDDPMConfig, random_hflip, sample_metrics, cifar_features
+from skindiff.train import checkpoint_step
 from skindiff.core import ConfigError
 from skindiff.metrics import ReferenceStats, feature_statistics
 from skindiff.mnist_ddpm import train_ddpm
