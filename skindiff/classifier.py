@@ -25,14 +25,15 @@ from .skin import SKIN_CLASSES, ISIC2018_COLUMNS      # label vocabulary; ISIC 2
 
 # %% auto #0
 __all__ = ['LITE0_ARCH', 'LITE0_PACKAGE', 'LITE0_FILE', 'LITE0_SHA256', 'LITE0_STAGE_DEPTHS', 'CONVERTED_FORMAT',
-           'DIHEDRAL_VIEWS', 'LUMA', 'IMBALANCE_POWERS', 'ECE_BINS', 'TARGET_SPECIFICITY', 'CLASSIFIER_FORMAT',
-           'WeightsError', 'lite0_weight_file', 'lite0_key', 'convert_lite0_state_dict', 'pretrained_lite0_path',
-           'normalisation', 'create_classifier', 'normalise', 'extract_features', 'linear_probe_accuracy', 'Augment',
-           'dihedral_view', 'augment_batch', 'class_weights', 'classifier_loss_fn', 'predict_proba', 'confusion_matrix',
-           'roc_curve', 'roc_auc', 'sensitivity_at_specificity', 'reliability_bins', 'expected_calibration_error',
-           'classification_metrics', 'bootstrap_ci', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability',
-           'prediction_columns', 'write_predictions_csv', 'evaluate', 'metrics_table', 'ClassifierTrainResult',
-           'train_classifier', 'save_classifier', 'load_classifier', 'evaluate_checkpoint', 'predict']
+           'DIHEDRAL_VIEWS', 'LUMA', 'MAX_ZOOM', 'IMBALANCE_POWERS', 'ECE_BINS', 'TARGET_SPECIFICITY',
+           'CLASSIFIER_FORMAT', 'WeightsError', 'lite0_weight_file', 'lite0_key', 'convert_lite0_state_dict',
+           'pretrained_lite0_path', 'normalisation', 'create_classifier', 'normalise', 'extract_features',
+           'linear_probe_accuracy', 'Augment', 'dihedral_view', 'random_zoom', 'augment_batch', 'class_weights',
+           'classifier_loss_fn', 'predict_proba', 'confusion_matrix', 'roc_curve', 'roc_auc',
+           'sensitivity_at_specificity', 'reliability_bins', 'expected_calibration_error', 'classification_metrics',
+           'bootstrap_ci', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability', 'prediction_columns',
+           'write_predictions_csv', 'evaluate', 'metrics_table', 'ClassifierTrainResult', 'train_classifier',
+           'save_classifier', 'load_classifier', 'evaluate_checkpoint', 'predict']
 
 # %% ../nbs/15_classifier.ipynb #aca8e2e5
 LITE0_ARCH = "tf_efficientnet_lite0"
@@ -196,18 +197,22 @@ def linear_probe_accuracy(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_te
 # %% ../nbs/15_classifier.ipynb #900b6e85
 DIHEDRAL_VIEWS = 8                 # |D4|: 4 rotations × {identity, mirror}
 LUMA = (0.299, 0.587, 0.114)       # ITU-R BT.601 grey weights, for the saturation jitter
+MAX_ZOOM = 1.0                     # zoom-in up to 2×: a crop of half the side still shows most of a centred lesion
 
 @dataclasses.dataclass
 class Augment:
-    "Random dihedral view plus mild colour jitter; the factors are drawn uniformly in [1 − j, 1 + j]."
+    """Random dihedral view plus mild colour jitter (factors uniform in [1 − j, 1 + j]), and an optional random
+    zoom-in by z ∈ [1, 1 + zoom] at a random position (0: off)."""
     dihedral: bool = True
     brightness: float = 0.1
     contrast: float = 0.1
     saturation: float = 0.1
+    zoom: float = 0.0
 
     def __post_init__(self):
         for f in ("brightness", "contrast", "saturation"):
             if not 0 <= getattr(self, f) < 1: raise ConfigError(f"Augment.{f}={getattr(self, f)}: expected 0 <= jitter < 1")
+        if not 0 <= self.zoom <= MAX_ZOOM: raise ConfigError(f"Augment.zoom={self.zoom}: expected 0 <= zoom <= {MAX_ZOOM}")
 
 def dihedral_view(x: Tensor, k: int) -> Tensor:
     "View `k` ∈ {0..7} of square images N×C×H×W: rotation by 90°·(k mod 4), then a left-right mirror when k ≥ 4."
@@ -218,10 +223,23 @@ def dihedral_view(x: Tensor, k: int) -> Tensor:
 def _uniform(n: int, jitter: float, generator: torch.Generator) -> Tensor:
     return 1 + jitter*(2*torch.rand(n, 1, 1, 1, generator=generator, device=generator.device) - 1)
 
+def random_zoom(x: Tensor, zoom: float, generator: torch.Generator) -> Tensor:
+    """Zoom images N×C×H×W in by z ~ U[1, 1 + zoom] each: a crop of 1/z of each side at a uniform random position,
+    resampled bilinearly to H×W (the affine grid never leaves the image, so no border is invented)."""
+    n = len(x)
+    keep = 1/(1 + zoom*torch.rand(n, generator=generator, device=generator.device)).to(x.device)      # side kept
+    shift = (1 - keep)[:, None]*(2*torch.rand(n, 2, generator=generator, device=generator.device).to(x.device) - 1)
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = keep
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
 def augment_batch(x: Tensor, generator: torch.Generator, aug: Augment = Augment()) -> Tensor:
     "Augment float images N×3×H×W in [0, 1] (square) with `aug`, all random numbers from `generator`."
     if x.shape[-1] != x.shape[-2] and aug.dihedral: raise ConfigError(f"dihedral augmentation needs square images, got {tuple(x.shape[-2:])}")
     n = len(x)
+    if aug.zoom: x = random_zoom(x, aug.zoom, generator)
     if aug.dihedral:
         ks = torch.randint(0, DIHEDRAL_VIEWS, (n,), generator=generator, device=generator.device).to(x.device)
         out = torch.empty_like(x)

@@ -45,6 +45,7 @@ class DDPMRecipe:
     T: int = 1000
     prediction: str = "eps"
     seed: int = 0
+    p_uncond: float = 0.0              # label dropout to the null class (classifier-free guidance); 0: no labels dropped
     preset = "mnist"                   # class attributes, not fields: fixed by the subclass
     dataset = "mnist"
 
@@ -57,25 +58,37 @@ class DDPMRecipe:
                            grad_clip=self.grad_clip, ckpt_every=max(1, min(500, self.train_steps // 4)), seed=self.seed)
     def meta(self) -> dict:
         "What a checkpoint of this model must match (architecture, data, schedule, objective)."
-        return dict(model=f"unet-{self.preset}", unet=self.unet_config().to_dict(), dataset=self.dataset,
+        meta = dict(model=f"unet-{self.preset}", unet=self.unet_config().to_dict(), dataset=self.dataset,
                     schedule=self.schedule, T=self.T, prediction=self.prediction, min_snr_gamma=self.min_snr_gamma)
+        return meta | (dict(p_uncond=self.p_uncond) if self.p_uncond else {})   # unchanged for unguided recipes
 
 def train_ddpm(recipe: DDPMRecipe, images: Tensor, ckpt_dir: str | os.PathLike | None = None, device: str | None = None,
                progress: bool = True, desc: str | None = None,
-               augment: Callable[[Tensor, torch.Generator], Tensor] | None = None) -> tuple[TrainResult, NoiseSchedule]:
+               augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+               labels: Tensor | None = None) -> tuple[TrainResult, NoiseSchedule]:
     """Train (or resume, or just load when finished) `recipe` on `images` (N, C, H, W) in [-1, 1];
     returns the training result and its schedule. `augment(x0, generator)`, when given, transforms each batch
-    with the training step's own generator, so a resumed run draws the same augmentations."""
+    with the training step's own generator, so a resumed run draws the same augmentations. `labels` (N,) int64
+    train a class-conditional U-Net (its preset must have `num_classes`); each label is replaced by the null class
+    with probability `recipe.p_uncond` (classifier-free guidance, chapter 18)."""
     dev = get_device(device)
     schedule = get_schedule(recipe.schedule, T=recipe.T)
     torch.manual_seed(recipe.seed)
     model = UNet(recipe.unet_config())
+    if labels is not None and model.null_class is None:
+        raise ConfigError(f"labels: the {recipe.preset!r} U-Net is unconditional (num_classes=None); train it without labels")
+    if labels is None and recipe.p_uncond:
+        raise ConfigError(f"p_uncond={recipe.p_uncond}: label dropout needs labels; pass labels= (N,) class indices")
+    if labels is not None and tuple(labels.shape) != (len(images),):
+        raise ConfigError(f"labels: expected shape ({len(images)},) (one per image), got {tuple(labels.shape)}")
     if dev.type == "cpu": model = model.to(memory_format=torch.channels_last)
-    loss_fn = make_ddpm_loss(schedule, prediction=recipe.prediction, min_snr_gamma=recipe.min_snr_gamma)
+    loss_fn = make_ddpm_loss(schedule, prediction=recipe.prediction, min_snr_gamma=recipe.min_snr_gamma,
+                             p_uncond=recipe.p_uncond, null_class=model.null_class)
     if augment is not None:
         plain_loss = loss_fn
         def loss_fn(model, batch, generator): return plain_loss(model, (augment(batch[0], generator), *batch[1:]), generator)
-    res = train(model, loss_fn, (images,), recipe.train_config(), ckpt_dir=ckpt_dir, device=dev, meta=recipe.meta(),
+    data = (images,) if labels is None else (images, labels.long())
+    res = train(model, loss_fn, data, recipe.train_config(), ckpt_dir=ckpt_dir, device=dev, meta=recipe.meta(),
                 progress=progress, desc=desc or f"DDPM on {recipe.dataset}")
     return res, schedule
 
@@ -86,13 +99,15 @@ MNIST_SIZE = 28
 class MnistDDPMConfig(DDPMRecipe):
     "The MNIST DDPM: the defaults are the `cpu` profile's recipe, at the native 28 px."
     image_size: int = MNIST_SIZE       # 28 (native) or 32 (padded by 2 px)
+    train_steps: int = 2800
+    base_channels: int = 16
 
     def __post_init__(self):
         if self.image_size not in (MNIST_SIZE, MNIST_SIZE + 4):
             raise ConfigError(f"image_size={self.image_size}: expected {MNIST_SIZE} (native) or {MNIST_SIZE + 4} (padded)")
     @property
     def pad(self) -> int: return (self.image_size - MNIST_SIZE) // 2
-    channel_mults: tuple[int, ...] = (1, 2, 2)   # widths per level, × base_channels
+    channel_mults: tuple[int, ...] = (1, 2, 6)   # widths per level, × base_channels: light at 28 px, wide at 7 px
     num_res_blocks: int = 1
 
     def unet_config(self):

@@ -141,6 +141,20 @@ def test_augment_is_seeded_and_mild():
     with pytest.raises(ConfigError, match="square"): clf.augment_batch(torch.rand(1, 3, 4, 6), torch.Generator())
 
 
+def test_random_zoom_crops_inside_the_image():
+    "A zoom by exactly 2 keeps a half-side crop: on a linear ramp the crop's range halves and stays inside [0, 1]."
+    ramp = torch.linspace(0, 1, 64).expand(8, 3, 64, 64).clone()          # value = horizontal position
+    z = clf.random_zoom(ramp, 1.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(clf.random_zoom(ramp, 0.0, torch.Generator().manual_seed(0)), ramp, atol=1e-5)
+    span = z[..., 0, -1] - z[..., 0, 0]                                     # left-to-right range of each crop
+    assert (span <= 1.0 + 1e-5).all() and (span >= 0.5*63/64 - 0.02).all() and (span < 0.98).any()
+    assert z.min() >= 0 and z.max() <= 1
+    a = clf.augment_batch(ramp, torch.Generator().manual_seed(5), clf.Augment(False, 0, 0, 0, zoom=0.5))
+    assert torch.equal(a, clf.augment_batch(ramp, torch.Generator().manual_seed(5), clf.Augment(False, 0, 0, 0, zoom=0.5)))
+    with pytest.raises(ConfigError, match="zoom"): clf.Augment(zoom=-0.1)
+    with pytest.raises(ConfigError, match="zoom"): clf.Augment(zoom=3)
+
+
 def test_class_weights_eq_15_1():
     y = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
     w = clf.class_weights(y, 3, "sqrt")
