@@ -20,8 +20,9 @@ from .core import (SkindiffError, ConfigError, atomic_write_json, atomic_write_t
 from . import viz
 
 # %% auto #0
-__all__ = ['CHAPTERS', 'SKIN_CLASSIFIER_CPU', 'SKIN_CLASSIFIER_GPU', 'MNIST_DDPM_CPU', 'MNIST_DDPM_GPU', 'PROFILES', 'ChapterRun',
-           'Chapter', 'StudyError', 'chapter_names', 'notebooks_dir', 'plan_study', 'write_summary', 'run_study']
+__all__ = ['CHAPTERS', 'SKIN_CLASSIFIER_CPU', 'SKIN_CLASSIFIER_GPU', 'MNIST_DDPM_CPU', 'MNIST_DDPM_GPU', 'NCSN_CPU', 'NCSN_GPU',
+           'LESION_DDPM_CPU', 'LESION_DDPM_GPU', 'PROFILES', 'ChapterRun', 'Chapter', 'StudyError', 'chapter_names',
+           'notebooks_dir', 'plan_study', 'write_summary', 'run_study']
 
 # %% ../nbs/90_study.ipynb #e28ef888
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -100,10 +101,12 @@ CHAPTERS: list[Chapter] = [
     Chapter("09_ddim_mnist", needs=("MNIST/raw",)),
     Chapter("10_metrics", needs=("cifar10/cifar10-jpg.tar.gz",)),
     Chapter("11_cifar10_ddpm", needs=("cifar10/cifar10-jpg.tar.gz",)),
+    Chapter("12_ncsn", needs=("MNIST/raw",)),
     Chapter("14_skin_data", needs=("ham10000", "ph2")),
     Chapter("15_classifier", needs=("cifar10/cifar10-jpg.tar.gz", "ham10000")),
     Chapter("16_skin_classifier", needs=("ham10000",)),
     Chapter("17_ph2_external", needs=("ham10000", "ph2")),      # uses chapter 16's models/skin_classifier.pt
+    Chapter("18_lesion_diffusion", needs=("ham10000",)),        # domain FID with chapter 16's classifier when present
 ]
 
 # The lesion classifier of chapter 16 (cpu: 16 minutes of training on 2 cores, measured). 128 px with zoom=0.3 and
@@ -122,6 +125,27 @@ MNIST_DDPM_CPU = dict(train_steps=2800, batch_size=64, lr=2e-3, warmup_steps=100
                       variance="beta", sample_precision="float32")
 MNIST_DDPM_GPU = dict(MNIST_DDPM_CPU, train_steps=20000, batch_size=128, lr=1e-3, base_channels=64, channel_mults=[1, 2, 2],
                       ema_decay=0.9995)
+
+# Noise-conditional score network (chapter 12) on the MNIST DDPM's U-Net shape; L = 95 levels from NCSNv2's rules.
+NCSN_CPU = dict(sigma_subset=10000, max_levels=None, train_steps=1400, batch_size=64, lr=2e-3, warmup_steps=100,
+                ema_decay=0.995, base_channels=16, channel_mults=[1, 2, 6], num_res_blocks=1, n_steps_each=5,
+                step_size=None, n_eval=256, sample_batch=128, sample_precision="float32")
+NCSN_GPU = dict(NCSN_CPU, sigma_subset=None, train_steps=20000, batch_size=128, lr=1e-3, ema_decay=0.9995,
+                base_channels=64, channel_mults=[1, 2, 2], n_eval=10000, sample_batch=1000)
+
+# Class-conditional lesion DDPM with classifier-free guidance and SDEdit (chapter 18); cpu at 32 px, gpu at 64 px.
+LESION_DDPM_CPU = dict(image_size=32, max_train_images=None, train_steps=650, batch_size=64, lr=2e-3, warmup_steps=50,
+                       ema_decay=0.995, base_channels=32, channel_mults=[1, 2, 2], num_res_blocks=1,
+                       attention_resolutions=[8], norm_groups=8, dropout=0.1, p_uncond=0.1, dihedral=True, nfe=25,
+                       guidance_scales=[0.0, 1.0, 2.0, 4.0], grid_w=2.0, grid_per_class=8, n_per_class=20,
+                       n_ref_per_class=64, domain_size=112, sdedit_t0s=[0.2, 0.4, 0.6, 0.8, 1.0], sdedit_nfe=25,
+                       sdedit_w=2.0, n_parents=7, k_variants=4, sample_batch=128, sample_precision="bfloat16",
+                       feature_batch=50)
+LESION_DDPM_GPU = dict(LESION_DDPM_CPU, image_size=64, train_steps=30000, batch_size=128, lr=2e-4, warmup_steps=1000,
+                       ema_decay=0.9995, base_channels=64, channel_mults=[1, 2, 3, 4], num_res_blocks=2,
+                       attention_resolutions=[16, 8], norm_groups=32, nfe=50, guidance_scales=[0.0, 0.5, 1.0, 2.0, 4.0],
+                       n_per_class=200, n_ref_per_class=None, sdedit_nfe=50, k_variants=8, sample_batch=500,
+                       sample_precision="float32", feature_batch=200)
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "ci": {},                                   # the notebooks' own defaults
@@ -142,6 +166,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "14_skin_data": {"decode_all": True, "image_size": 64},
         "16_skin_classifier": SKIN_CLASSIFIER_CPU,
         "17_ph2_external": {"n_boot": 1000, "max_ham": None},
+        "12_ncsn": NCSN_CPU,
+        "18_lesion_diffusion": LESION_DDPM_CPU,
     },
     "gpu": {
         "02_forward_process": {"n_digits": 8},
@@ -162,6 +188,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "14_skin_data": {"decode_all": True, "image_size": 128},
         "16_skin_classifier": SKIN_CLASSIFIER_GPU,
         "17_ph2_external": {"n_boot": 1000, "max_ham": None},
+        "12_ncsn": NCSN_GPU,
+        "18_lesion_diffusion": LESION_DDPM_GPU,
     },
 }
 
