@@ -1,5 +1,5 @@
 "Tests of skindiff.classifier: offline ImageNet weights, augmentation, training driver, metrics vs the ISIC scorer, files."
-import io, json, math
+import dataclasses, io, json, math
 from pathlib import Path
 
 import numpy as np
@@ -313,7 +313,7 @@ def _tiny_fit(ckpt_dir, steps=6, stop_first=None):
         loss_fn = clf.classifier_loss_fn([0.5] * 3, [0.5] * 3, clf.class_weights(y, 3), 0.1, clf.Augment())
         meta = dict(task="classifier", arch=clf.LITE0_ARCH, classes=["a", "b", "c"], image_size=32, mean=[0.5] * 3,
                     std=[0.5] * 3, imbalance="sqrt", label_smoothing=0.1,
-                    augment=dict(dihedral=True, brightness=0.1, contrast=0.1, saturation=0.1))
+                    augment=dataclasses.asdict(clf.Augment()))
         train(m, loss_fn, (x, y), cfg, ckpt_dir=ckpt_dir, device="cpu", meta=meta, progress=False, stop_at=stop_first)
     torch.manual_seed(0)
     return clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, (x[:24], y[:24]),
