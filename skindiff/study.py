@@ -133,7 +133,8 @@ NCSN_CPU = dict(sigma_subset=10000, max_levels=None, train_steps=1400, batch_siz
 NCSN_GPU = dict(NCSN_CPU, sigma_subset=None, train_steps=20000, batch_size=128, lr=1e-3, ema_decay=0.9995,
                 base_channels=64, channel_mults=[1, 2, 2], n_eval=10000, sample_batch=1000)
 
-# Class-conditional lesion DDPM with classifier-free guidance and SDEdit (chapter 18); cpu at 32 px, gpu at 64 px.
+# Class-conditional lesion DDPM with classifier-free guidance and SDEdit (chapter 18); cpu at 32 px (sized for about
+# 20–25 min on 2 cores from a throughput estimate, not yet measured), gpu at 64 px.
 LESION_DDPM_CPU = dict(image_size=32, max_train_images=None, train_steps=650, batch_size=64, lr=2e-3, warmup_steps=50,
                        ema_decay=0.995, base_channels=32, channel_mults=[1, 2, 2], num_res_blocks=1,
                        attention_resolutions=[8], norm_groups=8, dropout=0.1, p_uncond=0.1, dihedral=True, nfe=25,
