@@ -11,6 +11,7 @@ Modules:
 - `skindiff.mnist_ddpm`: The course's first real result: train the U-Net with L_simple (eq 2.5) and watch ancestral sampling (eqs 2.3–2.4) turn noise into digits. This completes the proposal's Fig 3.1 (f, g).
 - `skindiff.ncsn`: Song & Ermon's noise-conditional score network (NCSN, 2019) with the rules of its successor NCSNv2 (2020): geometric noise levels chosen from the data, denoising score matching (eq 2.8) and annealed Langevin dynamics (eq 2.9) with the final denoising step.
 - `skindiff.samplers`: One sampler interface for every chapter: samplers take a noise-prediction *function* eps_fn(x_t, t), report the exact number of function evaluations (NFE), and are picked by name from a registry.
+- `skindiff.sde`: Song et al. (2021): DDPM and NCSN are two discretisations of stochastic differential equations (eqs 2.10, 2.11). Any trained ε-network is a score model, and its samplers, its deterministic ODE and its exact likelihood all follow from the SDE (eqs 2.12, 2.13).
 - `skindiff.skin`: One label vocabulary, loaders for the layouts people actually have, lesion-grouped splits, and decoded tensors cached on disk.
 - `skindiff.study`: `skindiff study --profile ci|cpu|gpu --out runs/NAME`: every chapter, executed with papermill, every number with its provenance.
 - `skindiff.train`: One loop for every model in the course: seeded, EMA, gradient clipping, AMP on CUDA, atomic checkpoints, exact resume.
