@@ -272,7 +272,7 @@ class SplitData:
 def split_data(table: pd.DataFrame, split: str, images: Tensor, labels: Tensor) -> SplitData:
     "The `split` rows of `table` (row order = the order of `images`/`labels`, which hold every row of `table`)."
     m = (table["split"] == split).to_numpy()
-    return SplitData(images[torch.from_numpy(m)], labels[torch.from_numpy(m)], table.loc[m, "image_id"].tolist())
+    return SplitData(images[torch.from_numpy(m.copy())], labels[torch.from_numpy(m.copy())], table.loc[m, "image_id"].tolist())
 
 def _digest(ids: Sequence[str]) -> str:
     import hashlib
