@@ -17,7 +17,6 @@ from torch import Tensor
 from .core import ConfigError, SkindiffError, atomic_torch_save, cache_dir
 from .data import load_cifar10, to_model_range, seeded_subset, CIFAR10_CLASSES
 from .schedules import NoiseSchedule
-from .unet import unet_preset
 from .train import TrainConfig, TrainResult
 from .mnist_ddpm import DDPMRecipe, train_ddpm
 from .metrics import (PortInception, extract_features, fid_result, inception_score, kid_from_features,
@@ -37,7 +36,7 @@ def random_hflip(x: Tensor, generator: torch.Generator, p: float = FLIP_P) -> Te
     flip = torch.rand(len(x), generator=generator, device=generator.device) < p
     return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class CifarDDPMConfig(DDPMRecipe):
     "The CIFAR-10 DDPM: the defaults are the `cpu` profile's small U-Net; the `gpu` profile widens it to the preset."
     train_steps: int = 1000
@@ -54,12 +53,6 @@ class CifarDDPMConfig(DDPMRecipe):
     def __post_init__(self):
         if self.image_size != CIFAR_SIZE: raise ConfigError(f"image_size={self.image_size}: CIFAR-10 images are {CIFAR_SIZE} px")
         if self.n_checkpoints < 1: raise ConfigError(f"n_checkpoints={self.n_checkpoints}: expected ≥ 1")
-        self.channel_mults, self.attention_resolutions = tuple(self.channel_mults), tuple(self.attention_resolutions)
-    def unet_config(self):
-        "The cifar10 preset with this recipe's width, depth, attention, normalisation and dropout."
-        return unet_preset("cifar10", base_channels=self.base_channels, channel_mults=self.channel_mults,
-                           num_res_blocks=self.num_res_blocks, attention_resolutions=self.attention_resolutions,
-                           norm_groups=self.norm_groups, dropout=self.dropout)
     def train_config(self) -> TrainConfig:
         "Checkpoints every train_steps / n_checkpoints steps, all of them kept."
         every = max(1, self.train_steps // self.n_checkpoints)

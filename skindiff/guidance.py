@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from .core import ConfigError, file_digest, get_device
 from .data import to_model_range, to_uint8, resize_images, seeded_subset
 from .schedules import NoiseSchedule, get_schedule
-from .unet import UNet, unet_preset
-from .train import TrainConfig, TrainResult, list_checkpoints, load_weights, CheckpointError
+from .unet import UNet
+from .train import TrainResult, list_checkpoints, load_weights, CheckpointError
 from .mnist_ddpm import DDPMRecipe, train_ddpm
 from .samplers import EpsFn, SampleResult, eps_fn_from_model, ddim_sample, check_num_steps
 from .skin import SKIN_CLASSES, CLINICAL_NAMES, skin_tensors
@@ -53,7 +53,7 @@ def random_dihedral(x: Tensor, generator: torch.Generator) -> Tensor:
         if m.any(): out[m] = dihedral_view(x[m], k)
     return out
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class LesionDDPMConfig(DDPMRecipe):
     "The class-conditional HAM10000 DDPM; the defaults are the `cpu` profile's 32 px CPU-sized U-Net."
     train_steps: int = 1000
@@ -70,18 +70,14 @@ class LesionDDPMConfig(DDPMRecipe):
     dataset = "ham10000"
 
     def __post_init__(self):
-        self.channel_mults, self.attention_resolutions = tuple(self.channel_mults), tuple(self.attention_resolutions)
         if not 0 < self.p_uncond < 1:
             raise ConfigError(f"p_uncond={self.p_uncond}: classifier-free guidance needs 0 < p_uncond < 1 (typically {P_UNCOND})")
         if self.max_images is not None and self.max_images < NUM_CLASSES:
             raise ConfigError(f"max_images={self.max_images}: expected None or at least {NUM_CLASSES} (one per class)")
         self.unet_config()                # shape errors now, not at the first step
     def unet_config(self):
-        "The skin64 preset at this resolution, width, depth, attention, normalisation and dropout (7 classes + null)."
-        return unet_preset(LESION_PRESET, image_size=self.image_size, base_channels=self.base_channels,
-                           channel_mults=self.channel_mults, num_res_blocks=self.num_res_blocks,
-                           attention_resolutions=self.attention_resolutions, norm_groups=self.norm_groups,
-                           dropout=self.dropout, num_classes=NUM_CLASSES)
+        "The skin64 preset with this recipe's shape (`UNetShape`), conditioned on the NUM_CLASSES lesion classes (+ null)."
+        return dataclasses.replace(super().unet_config(), num_classes=NUM_CLASSES)
     def meta(self) -> dict:
         return {**super().meta(), "classes": list(SKIN_CLASSES), "augment": "dihedral" if self.dihedral else None,
                 "train_split": "lesion/train", "max_images": self.max_images}

@@ -16,9 +16,9 @@ from torch import Tensor
 from .core import ConfigError, get_device
 from .data import load_mnist, to_model_range, pad_images
 from .schedules import NoiseSchedule, get_schedule
-from .unet import UNet, unet_preset
+from .unet import UNet, UNetShape
 from .ddpm import make_ddpm_loss
-from .train import TrainConfig, TrainResult, train
+from .train import OptimRecipe, TrainResult, train
 from .samplers import SampleResult, eps_fn_from_model, sample
 
 # %% auto #0
@@ -26,36 +26,19 @@ __all__ = ['MNIST_SIZE', 'DDPMRecipe', 'train_ddpm', 'MnistDDPMConfig', 'mnist_t
            'sample_images']
 
 # %% ../nbs/08_ddpm_mnist.ipynb #f1fe6cf6
-@dataclasses.dataclass
-class DDPMRecipe:
-    """Everything that defines a DDPM trained through `skindiff.train`: model (a U-Net preset), schedule,
-    objective and optimisation. Dataset chapters subclass it (MNIST here, CIFAR-10 in chapter 11)."""
-    train_steps: int = 2000
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup_steps: int = 100
-    lr_schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    ema_decay: float = 0.995
+@dataclasses.dataclass(kw_only=True)
+class DDPMRecipe(OptimRecipe, UNetShape):
+    """Everything that defines a DDPM trained through `skindiff.train` (keyword-only fields): the model (a U-Net
+    preset and its overrides, `UNetShape` of chapter 04), the schedule, the objective, and the optimisation
+    (`OptimRecipe` of chapter 03). Dataset chapters subclass it (MNIST here, CIFAR-10 in 11, lesions in 18)."""
     min_snr_gamma: float | None = 5.0
-    grad_clip: float = 1.0
-    base_channels: int = 32
-    image_size: int = 32
     schedule: str = "linear"
     T: int = 1000
     prediction: str = "eps"
-    seed: int = 0
     p_uncond: float = 0.0              # label dropout to the null class (classifier-free guidance); 0: no labels dropped
     preset = "mnist"                   # class attributes, not fields: fixed by the subclass
     dataset = "mnist"
 
-    def unet_config(self):
-        "The U-Net preset at this width and image size."
-        return unet_preset(self.preset, base_channels=self.base_channels, image_size=self.image_size)
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.train_steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
-                           lr_schedule=self.lr_schedule, min_lr_ratio=self.min_lr_ratio, ema_decay=self.ema_decay,
-                           grad_clip=self.grad_clip, ckpt_every=max(1, min(500, self.train_steps // 4)), seed=self.seed)
     def meta(self) -> dict:
         "What a checkpoint of this model must match (architecture, data, schedule, objective)."
         meta = dict(model=f"unet-{self.preset}", unet=self.unet_config().to_dict(), dataset=self.dataset,
@@ -95,26 +78,22 @@ def train_ddpm(recipe: DDPMRecipe, images: Tensor, ckpt_dir: str | os.PathLike |
 # %% ../nbs/08_ddpm_mnist.ipynb #b7b9bd8f
 MNIST_SIZE = 28
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class MnistDDPMConfig(DDPMRecipe):
-    "The MNIST DDPM: the defaults are the `cpu` profile's recipe, at the native 28 px."
+    """The MNIST DDPM: the defaults are the `cpu` profile's recipe, at the native 28 px; self-attention at the
+    lowest resolution (image_size / 4) unless `attention_resolutions` says otherwise."""
     image_size: int = MNIST_SIZE       # 28 (native) or 32 (padded by 2 px)
     train_steps: int = 2800
     base_channels: int = 16
+    channel_mults: tuple[int, ...] = (1, 2, 6)   # widths per level, × base_channels: light at 28 px, wide at 7 px
+    num_res_blocks: int = 1
+    attend_lowest = True
 
     def __post_init__(self):
         if self.image_size not in (MNIST_SIZE, MNIST_SIZE + 4):
             raise ConfigError(f"image_size={self.image_size}: expected {MNIST_SIZE} (native) or {MNIST_SIZE + 4} (padded)")
     @property
     def pad(self) -> int: return (self.image_size - MNIST_SIZE) // 2
-    channel_mults: tuple[int, ...] = (1, 2, 6)   # widths per level, × base_channels: light at 28 px, wide at 7 px
-    num_res_blocks: int = 1
-
-    def unet_config(self):
-        "The mnist preset at this image size and shape (self-attention at the lowest resolution, image_size / 4)."
-        return unet_preset("mnist", base_channels=self.base_channels, image_size=self.image_size,
-                           channel_mults=tuple(self.channel_mults), num_res_blocks=self.num_res_blocks,
-                           attention_resolutions=(self.image_size // 2 ** (len(self.channel_mults) - 1),))
     def meta(self) -> dict: return {**super().meta(), "pad": self.pad}
 
 def mnist_training_images(data=None, pad: int = 0) -> Tensor:

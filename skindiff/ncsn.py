@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .core import ConfigError, get_device
-from .unet import UNet, UNetConfig, unet_preset
-from .train import TrainConfig, TrainResult, train
+from .unet import UNet, UNetConfig, UNetShape
+from .train import OptimRecipe, TrainResult, train
 from .samplers import N_INTERMEDIATES, SampleResult, eps_fn_from_model
 from .mnist_ddpm import MNIST_SIZE, mnist_training_images
 
@@ -303,32 +303,26 @@ def annealed_langevin(score_fn: ScoreFn, sigmas: Sequence[float] | Tensor, shape
 # %% ../nbs/12_ncsn.ipynb #4c235d4d
 NCSN_DATA_RANGE = (-1.0, 1.0)      # the recipe trains on images in [−1, 1]
 
-@dataclasses.dataclass
-class MnistNCSNConfig:
-    """The MNIST NCSN: noise levels (NCSNv2's rules; `from_noise_levels`), the U-Net (chapter 08's at 28 px) and
-    the optimisation. The optimisation defaults are the `cpu` profile's."""
+@dataclasses.dataclass(kw_only=True)
+class MnistNCSNConfig(OptimRecipe, UNetShape):
+    """The MNIST NCSN (keyword-only fields): noise levels (NCSNv2's rules; `from_noise_levels`), the U-Net (chapter
+    08's shape at 28 px, attention at the lowest resolution; `UNetShape`) and the optimisation (`OptimRecipe`). The
+    defaults are the `cpu` profile's."""
     sigma_max: float
     sigma_min: float
     num_levels: int
     train_steps: int = 1400
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup_steps: int = 100
-    lr_schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    ema_decay: float = 0.995
-    grad_clip: float = 1.0
     base_channels: int = 16
+    image_size: int = MNIST_SIZE
     channel_mults: tuple[int, ...] = (1, 2, 6)   # chapter 08's cpu shape: light at 28 px, wide at 7 px
     num_res_blocks: int = 1
-    seed: int = 0
     dataset = "mnist"                  # class attributes, not fields
-    image_size = MNIST_SIZE
+    attend_lowest = True
 
     def __post_init__(self):
         self.sigma_max, self.sigma_min = check_sigma_range(self.sigma_max, self.sigma_min)
         self.num_levels = check_num_levels(self.num_levels)
-        self.channel_mults = tuple(int(m) for m in self.channel_mults)
+        if self.image_size != MNIST_SIZE: raise ConfigError(f"image_size={self.image_size}: the MNIST NCSN trains at {MNIST_SIZE} px")
 
     @classmethod
     def from_noise_levels(cls, levels: NoiseLevels, **kw) -> "MnistNCSNConfig":
@@ -336,15 +330,6 @@ class MnistNCSNConfig:
         return cls(sigma_max=levels.sigma_max, sigma_min=levels.sigma_min, num_levels=levels.num_levels, **kw)
 
     def sigmas(self) -> Tensor: return geometric_sigmas(self.sigma_max, self.sigma_min, self.num_levels)
-    def unet_config(self) -> UNetConfig:
-        "The mnist preset at 28 px (self-attention at the lowest resolution)."
-        return unet_preset("mnist", base_channels=self.base_channels, image_size=self.image_size,
-                           channel_mults=self.channel_mults, num_res_blocks=self.num_res_blocks,
-                           attention_resolutions=(self.image_size // 2 ** (len(self.channel_mults) - 1),))
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.train_steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
-                           lr_schedule=self.lr_schedule, min_lr_ratio=self.min_lr_ratio, ema_decay=self.ema_decay,
-                           grad_clip=self.grad_clip, ckpt_every=max(1, min(500, self.train_steps // 4)), seed=self.seed)
     def meta(self) -> dict:
         "What a checkpoint of this model must match (architecture, data and its range, noise levels, objective)."
         return dict(model="ncsn-unet", unet=self.unet_config().to_dict(), dataset=self.dataset, data_range=NCSN_DATA_RANGE,

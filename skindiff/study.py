@@ -20,9 +20,9 @@ from .core import (SkindiffError, ConfigError, atomic_write_json, atomic_write_t
 from . import viz
 
 # %% auto #0
-__all__ = ['CHAPTERS', 'SKIN_CLASSIFIER_CPU', 'SKIN_CLASSIFIER_GPU', 'MNIST_DDPM_CPU', 'MNIST_DDPM_GPU', 'NCSN_CPU', 'NCSN_GPU',
-           'LESION_DDPM_CPU', 'LESION_DDPM_GPU', 'PROFILES', 'ChapterRun', 'Chapter', 'StudyError', 'chapter_names',
-           'notebooks_dir', 'plan_study', 'write_summary', 'run_study']
+__all__ = ['CHAPTERS', 'SKIN_CLASSIFIER_CPU', 'SKIN_CLASSIFIER_GPU', 'MNIST_DDPM_CPU', 'MNIST_DDPM_GPU', 'NCSN_CPU', 'SDE_CPU',
+           'SDE_GPU', 'NCSN_GPU', 'LESION_DDPM_CPU', 'LESION_DDPM_GPU', 'PROFILES', 'ChapterRun', 'Chapter',
+           'StudyError', 'chapter_names', 'notebooks_dir', 'plan_study', 'write_summary', 'run_study']
 
 # %% ../nbs/90_study.ipynb #e28ef888
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -102,6 +102,7 @@ CHAPTERS: list[Chapter] = [
     Chapter("10_metrics", needs=("cifar10/cifar10-jpg.tar.gz",)),
     Chapter("11_cifar10_ddpm", needs=("cifar10/cifar10-jpg.tar.gz",)),
     Chapter("12_ncsn", needs=("MNIST/raw",)),
+    Chapter("13_sde", needs=("MNIST/raw",)),                    # reuses chapter 08's checkpoint and 1000-step samples
     Chapter("14_skin_data", needs=("ham10000", "ph2")),
     Chapter("15_classifier", needs=("cifar10/cifar10-jpg.tar.gz", "ham10000")),
     Chapter("16_skin_classifier", needs=("ham10000",)),
@@ -117,10 +118,12 @@ SKIN_CLASSIFIER_CPU = dict(image_size=112, max_images=None, train_steps=800, bat
 SKIN_CLASSIFIER_GPU = dict(SKIN_CLASSIFIER_CPU, image_size=150, train_steps=3000, ema_decay=0.998, eval_every=250,
                            dm_input_size=128, dm_train_steps=3000, dm_eval_every=250, dm_ema_decay=0.998)
 
-# The MNIST DDPM recipe is shared by chapters 08 and 09 (09 reuses 08's checkpoint, so they must agree).
+# The MNIST DDPM recipe is shared by chapters 08, 09 and 13 (they reuse 08's checkpoint, so they must agree).
 # cpu: a U-Net light at 28 px and wide at 7 px (16/32/96 channels, 1.37 M parameters) trains 1.38× and samples
 # 1.2× faster than 32/64/64 (measured: benchmarks/bench_unet_shapes.py), so it sees 1.4× more images in the budget.
-MNIST_DDPM_CPU = dict(train_steps=2800, batch_size=64, lr=2e-3, warmup_steps=100, ema_decay=0.995, min_snr_gamma=5.0,
+# 4000 steps: 2800 took 537 s of training and 231 s of 1000-step sampling on 2 idle cores (792 s in all), so 4000 fit
+# the 20-minute budget with room for a busier machine.
+MNIST_DDPM_CPU = dict(train_steps=4000, batch_size=64, lr=2e-3, warmup_steps=100, ema_decay=0.995, min_snr_gamma=5.0,
                       base_channels=16, channel_mults=[1, 2, 6], num_res_blocks=1, image_size=28, ddpm_nfe=1000,
                       variance="beta", sample_precision="float32")
 MNIST_DDPM_GPU = dict(MNIST_DDPM_CPU, train_steps=20000, batch_size=128, lr=1e-3, base_channels=64, channel_mults=[1, 2, 2],
@@ -130,6 +133,14 @@ MNIST_DDPM_GPU = dict(MNIST_DDPM_CPU, train_steps=20000, batch_size=128, lr=1e-3
 NCSN_CPU = dict(sigma_subset=10000, max_levels=None, train_steps=1400, batch_size=64, lr=2e-3, warmup_steps=100,
                 ema_decay=0.995, base_channels=16, channel_mults=[1, 2, 6], num_res_blocks=1, n_steps_each=5,
                 step_size=None, n_eval=256, sample_batch=128, sample_precision="float32")
+# Score SDEs (chapter 13): every sampler and the ODE likelihood on chapter 08's DDPM (same recipe, so its checkpoint and
+# its 1000-step samples are reused). The fast-solver target is reported, not enforced.
+SDE_CPU = dict(toy_n=10000, n_eval=256, sample_batch=128, ddpm_nfes=[100], ddim_nfes=[10, 20], em_nfes=[50, 200],
+               pc_nfes=[51, 201], heun_nfes=[9, 19, 39], heun_churn=1.0, ode_rtol=1e-3, snr=0.16, n_bpd=32,
+               n_hutchinson=2, bpd_rtol=1e-5, max_fast_ratio=1.25)
+SDE_GPU = dict(SDE_CPU, toy_n=20000, n_eval=10000, sample_batch=1000, ddim_nfes=[10, 20, 50], em_nfes=[50, 200, 1000],
+               pc_nfes=[51, 201, 1001], heun_nfes=[9, 19, 39, 79], ode_rtol=1e-5, n_bpd=1000, n_hutchinson=4)
+
 NCSN_GPU = dict(NCSN_CPU, sigma_subset=None, train_steps=20000, batch_size=128, lr=1e-3, ema_decay=0.9995,
                 base_channels=64, channel_mults=[1, 2, 2], n_eval=10000, sample_batch=1000)
 
@@ -168,6 +179,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "16_skin_classifier": SKIN_CLASSIFIER_CPU,
         "17_ph2_external": {"n_boot": 1000, "max_ham": None},
         "12_ncsn": NCSN_CPU,
+        "13_sde": {**MNIST_DDPM_CPU, **SDE_CPU},
         "18_lesion_diffusion": LESION_DDPM_CPU,
     },
     "gpu": {
@@ -190,6 +202,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "16_skin_classifier": SKIN_CLASSIFIER_GPU,
         "17_ph2_external": {"n_boot": 1000, "max_ham": None},
         "12_ncsn": NCSN_GPU,
+        "13_sde": {**MNIST_DDPM_GPU, **SDE_GPU},
         "18_lesion_diffusion": LESION_DDPM_GPU,
     },
 }

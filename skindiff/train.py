@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from .core import SkindiffError, ConfigError, atomic_torch_save, get_device
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'TrainConfig', 'lr_at', 'batch_indices', 'EMA', 'CheckpointError', 'NonFiniteLossError',
-           'checkpoint_path', 'checkpoint_step', 'list_checkpoints', 'load_checkpoint', 'TrainResult', 'train',
-           'load_weights']
+__all__ = ['CKPTS_PER_RUN', 'MAX_CKPT_EVERY', 'CKPT_FORMAT', 'TrainConfig', 'lr_at', 'OptimRecipe', 'batch_indices', 'EMA',
+           'CheckpointError', 'NonFiniteLossError', 'checkpoint_path', 'checkpoint_step', 'list_checkpoints',
+           'load_checkpoint', 'TrainResult', 'train', 'load_weights']
 
 # %% ../nbs/03_train.ipynb #68312ead
 @dataclasses.dataclass
@@ -66,6 +66,30 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+# %% ../nbs/03_train.ipynb #7545c04a
+CKPTS_PER_RUN = 4           # checkpoints written over a run (at least)
+MAX_CKPT_EVERY = 500        # ... and at least one every this many steps
+
+@dataclasses.dataclass(kw_only=True)
+class OptimRecipe:
+    "The optimisation half of a model recipe (keyword-only fields); `train_config()` gives the `TrainConfig` for `train`."
+    train_steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def train_config(self) -> TrainConfig:
+        "The `TrainConfig` of this recipe (checkpoints every train_steps / CKPTS_PER_RUN steps, at most MAX_CKPT_EVERY apart)."
+        return TrainConfig(steps=self.train_steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
+                           lr_schedule=self.lr_schedule, min_lr_ratio=self.min_lr_ratio, ema_decay=self.ema_decay,
+                           grad_clip=self.grad_clip, ckpt_every=max(1, min(MAX_CKPT_EVERY, self.train_steps // CKPTS_PER_RUN)),
+                           seed=self.seed)
 
 # %% ../nbs/03_train.ipynb #dd135fda
 _SEED_STRIDE = 1_000_003   # a prime, to keep (seed, index) pairs from colliding

@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['DEFAULT_MAX_PERIOD', 'TIME_EMB_MULT', 'UNET_PRESETS', 'sinusoidal_embedding', 'TimeEmbedding', 'zero_module',
-           'conv3x3', 'ResBlock', 'AttentionBlock', 'Downsample', 'Upsample', 'EmbedSequential', 'UNetConfig', 'UNet',
-           'count_parameters', 'unet_preset']
+__all__ = ['DEFAULT_MAX_PERIOD', 'TIME_EMB_MULT', 'UNET_PRESETS', 'UNET_SHAPE_FIELDS', 'sinusoidal_embedding', 'TimeEmbedding',
+           'zero_module', 'conv3x3', 'ResBlock', 'AttentionBlock', 'Downsample', 'Upsample', 'EmbedSequential',
+           'UNetConfig', 'UNet', 'count_parameters', 'unet_preset', 'UNetShape']
 
 # %% ../nbs/04_unet.ipynb #e5034833
 DEFAULT_MAX_PERIOD = 10_000   # longest wavelength of the sinusoidal embedding (Vaswani et al.)
@@ -269,3 +269,29 @@ def unet_preset(name: str, **overrides) -> UNetConfig:
     unknown = set(overrides) - {f.name for f in dataclasses.fields(UNetConfig)}
     if unknown: raise ConfigError(f"unet_preset({name!r}): unknown UNetConfig fields {sorted(unknown)}")
     return UNetConfig(**{**UNET_PRESETS[name], **overrides})
+
+# %% ../nbs/04_unet.ipynb #1744bd51
+UNET_SHAPE_FIELDS = ("channel_mults", "num_res_blocks", "attention_resolutions", "norm_groups", "dropout")
+
+@dataclasses.dataclass(kw_only=True)
+class UNetShape:
+    """The U-Net half of a model recipe (keyword-only fields): preset `preset` (a class attribute) at `base_channels`
+    and `image_size`; the fields of `UNET_SHAPE_FIELDS` override the preset where they are not None. With
+    `attend_lowest` (a class attribute) and no `attention_resolutions`, attention sits at image_size / 2^(levels − 1)."""
+    base_channels: int = 32
+    image_size: int = 32
+    channel_mults: tuple[int, ...] | None = None
+    num_res_blocks: int | None = None
+    attention_resolutions: tuple[int, ...] | None = None
+    norm_groups: int | None = None
+    dropout: float | None = None
+    preset = "mnist"           # class attributes, not fields: fixed by the subclass
+    attend_lowest = False
+
+    def unet_config(self) -> UNetConfig:
+        "The preset with this recipe's width, image size and shape overrides."
+        shape = {f: tuple(v) if isinstance(v, list) else v for f in UNET_SHAPE_FIELDS if (v := getattr(self, f)) is not None}
+        if self.attention_resolutions is None and self.attend_lowest:
+            levels = len(shape.get("channel_mults", UNET_PRESETS[self.preset]["channel_mults"]))
+            shape["attention_resolutions"] = (self.image_size // 2 ** (levels - 1),)
+        return unet_preset(self.preset, base_channels=self.base_channels, image_size=self.image_size, **shape)
