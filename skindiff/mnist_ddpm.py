@@ -83,7 +83,7 @@ class MnistDDPMConfig(DDPMRecipe):
     """The MNIST DDPM: the defaults are the `cpu` profile's recipe, at the native 28 px; self-attention at the
     lowest resolution (image_size / 4) unless `attention_resolutions` says otherwise."""
     image_size: int = MNIST_SIZE       # 28 (native) or 32 (padded by 2 px)
-    train_steps: int = 2800
+    train_steps: int = 4000
     base_channels: int = 16
     channel_mults: tuple[int, ...] = (1, 2, 6)   # widths per level, × base_channels: light at 28 px, wide at 7 px
     num_res_blocks: int = 1
