@@ -6,7 +6,7 @@ Docs: https://skindiff.github.io/skindiff/adversarial.html.md"""
 
 # %% ../nbs/19_adversarial.ipynb #cd06706c
 from __future__ import annotations
-import dataclasses, json, math, os
+import dataclasses, json, math, os, shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -151,7 +151,8 @@ class LoopConfig:
 
     def train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(steps=self.train_steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=max(1, self.train_steps // 10),
-                           lr_schedule="cosine", ema_decay=self.ema_decay, ckpt_every=self.eval_every, seed=int(seed))
+                           lr_schedule="cosine", ema_decay=self.ema_decay, ckpt_every=self.eval_every, keep_ckpts=1,
+                           seed=int(seed))
 
     def meta(self) -> dict: return json.loads(json.dumps(dataclasses.asdict(self)))
 
@@ -306,6 +307,7 @@ def _trained(backend: Backend, folder: Path, x: Tensor, y: Tensor, sources: pd.D
     meta = dict(train_set=_digest(sources["image_id"].tolist()), n_train=len(x))
     model = backend.train(x, y, folder/"checkpoints", seed, meta)
     backend.save(model, folder/"model.pt")
+    shutil.rmtree(folder/"checkpoints", ignore_errors=True)     # only needed to resume this training; ~0.1 GB each
     return model
 
 def _round_metrics(backend: Backend, model, data: dict[str, SplitData]) -> tuple[dict, Tensor]:
