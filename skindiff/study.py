@@ -21,8 +21,9 @@ from . import viz
 
 # %% auto #0
 __all__ = ['CHAPTERS', 'SKIN_CLASSIFIER_CPU', 'SKIN_CLASSIFIER_GPU', 'MNIST_DDPM_CPU', 'MNIST_DDPM_GPU', 'NCSN_CPU', 'SDE_CPU',
-           'SDE_GPU', 'NCSN_GPU', 'LESION_DDPM_CPU', 'LESION_DDPM_GPU', 'PROFILES', 'ChapterRun', 'Chapter',
-           'StudyError', 'chapter_names', 'notebooks_dir', 'plan_study', 'write_summary', 'run_study']
+           'SDE_GPU', 'NCSN_GPU', 'LESION_DDPM_CPU', 'LESION_DDPM_GPU', 'LESION_DDPM_RECIPE', 'ADVERSARIAL_CPU',
+           'ADVERSARIAL_GPU', 'PROFILES', 'ChapterRun', 'Chapter', 'StudyError', 'chapter_names', 'notebooks_dir',
+           'plan_study', 'write_summary', 'run_study']
 
 # %% ../nbs/90_study.ipynb #e28ef888
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -108,6 +109,7 @@ CHAPTERS: list[Chapter] = [
     Chapter("16_skin_classifier", needs=("ham10000",)),
     Chapter("17_ph2_external", needs=("ham10000", "ph2")),      # uses chapter 16's models/skin_classifier.pt
     Chapter("18_lesion_diffusion", needs=("ham10000",)),        # domain FID with chapter 16's classifier when present
+    Chapter("19_adversarial", needs=("ham10000", "ph2")),       # reuses chapter 18's lesion DDPM (same recipe)
 ]
 
 # The lesion classifier of chapter 16 (cpu: 2000 steps at 112 px, about 23 minutes of training on 2 idle cores with
@@ -147,7 +149,7 @@ NCSN_GPU = dict(NCSN_CPU, sigma_subset=None, train_steps=20000, batch_size=128, 
                 base_channels=64, channel_mults=[1, 2, 2], n_eval=10000, sample_batch=1000)
 
 # Class-conditional lesion DDPM with classifier-free guidance and SDEdit (chapter 18); cpu at 32 px (sized for about
-# 20–25 min on 2 cores from a throughput estimate, not yet measured), gpu at 64 px.
+# 20–25 min on 2 cores from a throughput estimate; measured 521 s on 2 idle cores), gpu at 64 px.
 LESION_DDPM_CPU = dict(image_size=32, max_train_images=None, train_steps=650, batch_size=64, lr=2e-3, warmup_steps=50,
                        ema_decay=0.995, base_channels=32, channel_mults=[1, 2, 2], num_res_blocks=1,
                        attention_resolutions=[8], norm_groups=8, dropout=0.1, p_uncond=0.1, dihedral=True, nfe=25,
@@ -160,6 +162,21 @@ LESION_DDPM_GPU = dict(LESION_DDPM_CPU, image_size=64, train_steps=30000, batch_
                        attention_resolutions=[16, 8], norm_groups=32, nfe=50, guidance_scales=[0.0, 0.5, 1.0, 2.0, 4.0],
                        n_per_class=200, n_ref_per_class=None, sdedit_nfe=50, k_variants=8, sample_batch=500,
                        sample_precision="float32", feature_batch=200)
+
+# The adversarial loop (chapter 19) reuses chapter 18's lesion DDPM, so its recipe fields must equal chapter 18's.
+# cpu: 3 seeds × (before + 2 rounds + 3 controls × 2 rounds) classifier trainings of 300 steps at 64 px input, estimated
+# at about 22 minutes on 2 idle cores from per-step timings (not yet measured end to end).
+LESION_DDPM_RECIPE = ("image_size", "max_train_images", "train_steps", "batch_size", "lr", "warmup_steps", "ema_decay",
+                      "base_channels", "channel_mults", "num_res_blocks", "attention_resolutions", "norm_groups", "dropout",
+                      "p_uncond", "dihedral")
+ADVERSARIAL_CPU = dict({k: LESION_DDPM_CPU[k] for k in LESION_DDPM_RECIPE}, seeds=[0, 1, 2], max_per_split=None,
+                       mine_fraction=0.2, rounds=2, k_variants=3, t0=0.5, w=2.0, gen_nfe=20, max_parents=100,
+                       copy_quantile=0.05, input_size=64, clf_steps=300, clf_batch=64, clf_lr=1e-3, clf_ema=0.99,
+                       eval_every=100, gen_batch=128, gen_precision="bfloat16", n_boot=2000)
+ADVERSARIAL_GPU = dict({k: LESION_DDPM_GPU[k] for k in LESION_DDPM_RECIPE}, seeds=[0, 1, 2, 3, 4], max_per_split=None,
+                       mine_fraction=0.2, rounds=3, k_variants=4, t0=0.5, w=2.0, gen_nfe=50, max_parents=300,
+                       copy_quantile=0.05, input_size=128, clf_steps=1500, clf_batch=128, clf_lr=1e-3, clf_ema=0.998,
+                       eval_every=250, gen_batch=500, gen_precision="float32", n_boot=2000)
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "ci": {},                                   # the notebooks' own defaults
@@ -183,6 +200,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "12_ncsn": NCSN_CPU,
         "13_sde": {**MNIST_DDPM_CPU, **SDE_CPU},
         "18_lesion_diffusion": LESION_DDPM_CPU,
+        "19_adversarial": ADVERSARIAL_CPU,
     },
     "gpu": {
         "02_forward_process": {"n_digits": 8},
@@ -206,6 +224,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "12_ncsn": NCSN_GPU,
         "13_sde": {**MNIST_DDPM_GPU, **SDE_GPU},
         "18_lesion_diffusion": LESION_DDPM_GPU,
+        "19_adversarial": ADVERSARIAL_GPU,
     },
 }
 
