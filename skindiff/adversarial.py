@@ -21,7 +21,7 @@ from .data import resize_images, to_model_range, to_uint8
 from .skin import SKIN_CLASSES, lesion_split
 from .train import TrainConfig, load_checkpoint, list_checkpoints, _meta_diff
 from .classifier import (LITE0_ARCH, Augment, augment_batch, create_classifier, normalisation, train_classifier,
-                                 save_classifier, load_classifier, predict_proba, extract_features)
+                                 save_classifier, load_classifier, predict_proba, extract_features, confusion_matrix)
 from .guidance import (NUM_CLASSES, check_guidance_scale, check_t0, check_labels, sdedit, sample_lesions,
                                variant_metadata)
 
@@ -31,7 +31,8 @@ __all__ = ['LOOP_SPLITS', 'TRAINING_SIDE', 'MINE_FRACTION', 'UNTARGETED_KIND', '
            'check_eval_set', 'LoopConfig', 'check_classes', 'mine_hard_cases', 'pixel_vectors', 'nearest_neighbours',
            'near_copy_thresholds', 'flag_near_copies', 'Backend', 'lite0_ddpm_backend', 'SplitData', 'split_data',
            'check_loop_params', 'run_loop', 'build_control', 'run_controls', 'arm_model_paths', 'predict_arms',
-           'balanced_accuracy', 'per_class_sensitivity', 'mean_sd', 'paired_bootstrap_diff', 'mcnemar', 'mel_vs_nv']
+           'class_sensitivities', 'balanced_accuracy', 'per_class_sensitivity', 'mean_sd', 'paired_bootstrap_diff',
+           'mcnemar', 'mel_vs_nv']
 
 # %% ../nbs/19_adversarial.ipynb #22a19784
 LOOP_SPLITS = ("train", "mine", "select", "test")
@@ -506,17 +507,20 @@ def predict_arms(out_dir: str | os.PathLike, seeds: Sequence[int], rounds: int, 
     return {a: np.stack(v) for a, v in out.items()}
 
 # %% ../nbs/19_adversarial.ipynb #4cc09d71
-def balanced_accuracy(labels, pred, num_classes: int) -> float:
-    "Eq 15.3: the mean over the classes present in `labels` of the fraction of that class predicted correctly."
+def class_sensitivities(labels, pred, num_classes: int) -> np.ndarray:
+    "(num_classes,) sensitivity (recall) of every class from chapter 15's `confusion_matrix`; NaN for a class absent from `labels`."
     y, p = np.asarray(labels).astype(np.int64).ravel(), np.asarray(pred).astype(np.int64).ravel()
     if len(y) != len(p) or not len(y): raise ConfigError(f"labels, pred: expected two non-empty arrays of one length, got {len(y)} and {len(p)}")
-    present = np.unique(y)
-    return float(np.mean([(p[y == c] == c).mean() for c in present]))
+    cm = confusion_matrix(y, p, num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"): return np.diag(cm) / cm.sum(1)
+
+def balanced_accuracy(labels, pred, num_classes: int) -> float:
+    "Eq 15.3: the mean over the classes present in `labels` of the fraction of that class predicted correctly."
+    return float(np.nanmean(class_sensitivities(labels, pred, num_classes)))
 
 def per_class_sensitivity(labels, pred, classes: Sequence[str]) -> dict[str, float]:
     "Sensitivity (recall) of every class (NaN when absent from `labels`)."
-    y, p = np.asarray(labels).astype(np.int64).ravel(), np.asarray(pred).astype(np.int64).ravel()
-    return {c: float((p[y == i] == i).mean()) if (y == i).any() else float("nan") for i, c in enumerate(classes)}
+    return dict(zip(classes, map(float, class_sensitivities(labels, pred, len(classes)))))
 
 def mean_sd(values) -> tuple[float, float]:
     "Mean and sample standard deviation (n − 1; NaN for one value)."
