@@ -26,13 +26,13 @@ from .guidance import (NUM_CLASSES, check_guidance_scale, check_t0, check_labels
                                variant_metadata)
 
 # %% auto #0
-__all__ = ['LOOP_SPLITS', 'TRAINING_SIDE', 'MINE_FRACTION', 'UNTARGETED_KIND', 'STRONG_AUGMENT', 'ARMS', 'BEFORE', 'LeakageError',
-           'check_loop_split', 'loop_split', 'subset_split', 'check_training_sources', 'check_generator_training',
-           'check_eval_set', 'LoopConfig', 'check_classes', 'mine_hard_cases', 'pixel_vectors', 'nearest_neighbours',
-           'near_copy_thresholds', 'flag_near_copies', 'Backend', 'lite0_ddpm_backend', 'SplitData', 'split_data',
-           'check_loop_params', 'run_loop', 'build_control', 'run_controls', 'arm_model_paths', 'predict_arms',
-           'class_sensitivities', 'balanced_accuracy', 'per_class_sensitivity', 'mean_sd', 'paired_bootstrap_diff',
-           'mcnemar', 'mel_vs_nv']
+__all__ = ['LOOP_SPLITS', 'TRAINING_SIDE', 'MINE_FRACTION', 'UNTARGETED_KIND', 'STRONG_AUGMENT', 'ARMS', 'BEFORE',
+           'UNTARGETED_EXTRA', 'UNTARGETED_ATTEMPTS', 'LeakageError', 'check_loop_split', 'loop_split', 'subset_split',
+           'check_training_sources', 'check_generator_training', 'check_eval_set', 'LoopConfig', 'check_classes',
+           'mine_hard_cases', 'pixel_vectors', 'nearest_neighbours', 'near_copy_thresholds', 'flag_near_copies',
+           'Backend', 'lite0_ddpm_backend', 'SplitData', 'split_data', 'check_loop_params', 'run_loop', 'build_control',
+           'run_controls', 'arm_model_paths', 'predict_arms', 'class_sensitivities', 'balanced_accuracy',
+           'per_class_sensitivity', 'mean_sd', 'paired_bootstrap_diff', 'mcnemar', 'mel_vs_nv']
 
 # %% ../nbs/19_adversarial.ipynb #22a19784
 LOOP_SPLITS = ("train", "mine", "select", "test")
@@ -408,6 +408,9 @@ def run_loop(cfg: LoopConfig, data: dict[str, SplitData], table: pd.DataFrame, b
     return pd.DataFrame(rows)
 
 # %% ../nbs/19_adversarial.ipynb #ec084576
+UNTARGETED_EXTRA = 0.5       # untargeted control: draw 50 % more samples than still needed, for the near-copy rule to drop
+UNTARGETED_ATTEMPTS = 8      # rounds of drawing before giving up
+
 def _class_draw(pool_y: np.ndarray, counts: np.ndarray, rng: np.random.Generator, cycle: bool = False) -> np.ndarray:
     "Indices into the pool with counts[c] items of each class c: without replacement when it suffices (`cycle`: in turn)."
     out = []
@@ -442,15 +445,21 @@ def build_control(arm: str, counts: np.ndarray, data: dict[str, SplitData], hard
     if arm == "untargeted":
         xs, ys = [], []
         need = counts.copy()
-        for attempt in range(4):                           # top up what the near-copy rule drops
+        for attempt in range(UNTARGETED_ATTEMPTS):        # top up what the near-copy rule drops, drawing extra each time
             if need.sum() == 0: break
-            y = torch.as_tensor(np.repeat(np.arange(len(need)), need))
+            y = torch.as_tensor(np.repeat(np.arange(len(need)), need + np.ceil(need * UNTARGETED_EXTRA).astype(np.int64)))
             x = backend.sample(y, _chunk_seed(seed, 97, attempt))
             dp, _ = nearest_neighbours(pixel_vectors(x), ref[0], "rms")
             dfe, _ = nearest_neighbours(backend.features(model0, x), ref[1], "cosine")
-            ok = ~flag_near_copies(dp, dfe, thresholds)
-            xs.append(x[ok]); ys.append(y[ok])
-            need = need - np.bincount(y[ok].numpy(), minlength=len(need))
+            ok = (~flag_near_copies(dp, dfe, thresholds)).numpy()
+            keep = np.concatenate([np.nonzero(ok & (y.numpy() == c))[0][:need[c]] for c in range(len(need))])
+            keep.sort()
+            xs.append(x[keep]); ys.append(y[keep])
+            need = need - np.bincount(y[keep].numpy(), minlength=len(need))
+        if need.sum() > 0:
+            raise SkindiffError(f"untargeted control of seed {seed}: after {UNTARGETED_ATTEMPTS} rounds of sampling the near-copy rule "
+                                f"still leaves {dict(zip(backend.classes, need.tolist()))} images short; the generator copies its "
+                                "training images (see the memorisation audit), or copy_quantile is too high")
         x, y = torch.cat(xs), torch.cat(ys)
         return x, pd.DataFrame(dict(image_id=[f"ddpm-s{seed}-{n}" for n in range(len(x))], kind=UNTARGETED_KIND, source_id="",
                                     label_idx=y.numpy()))
@@ -484,9 +493,12 @@ def run_controls(cfg: LoopConfig, data: dict[str, SplitData], table: pd.DataFram
             _save_images(ad/"added", x, rows)
             got = _load_images(ad/"added")
         x, rows = got
+        n = np.bincount(rows["label_idx"].to_numpy(np.int64), minlength=len(backend.classes))
+        if not np.array_equal(n, counts):
+            raise ConfigError(f"{ad}: holds {int(n.sum())} added images, per class {n.tolist()}, but the loop kept {counts.tolist()}: "
+                              f"it was built by other code or parameters; remove {ad} to rebuild this control")
         sources = pd.concat([real, rows[["image_id", "kind", "source_id", "label_idx"]]], ignore_index=True)
         _trained(backend, ad, torch.cat([tr.x, x]), torch.as_tensor(sources["label_idx"].to_numpy(np.int64)), sources, table, seed)
-        n = np.bincount(rows["label_idx"].to_numpy(np.int64), minlength=len(backend.classes))
         out.append(dict(arm=arm, added=int(n.sum()), **{c: int(v) for c, v in zip(backend.classes, n)}))
         log(f"seed {seed} control {arm}: {int(n.sum())} images added")
     return pd.DataFrame(out)

@@ -110,6 +110,7 @@ CHAPTERS: list[Chapter] = [
     Chapter("17_ph2_external", needs=("ham10000", "ph2")),      # uses chapter 16's models/skin_classifier.pt
     Chapter("18_lesion_diffusion", needs=("ham10000",)),        # domain FID with chapter 16's classifier when present
     Chapter("19_adversarial", needs=("ham10000", "ph2")),       # reuses chapter 18's lesion DDPM (same recipe)
+    Chapter("20_before_after", needs=("ham10000", "ph2")),      # reads chapter 19's adversarial/predictions.npz
 ]
 
 # The lesion classifier of chapter 16 (cpu: 2000 steps at 112 px, about 23 minutes of training on 2 idle cores with
@@ -201,6 +202,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "13_sde": {**MNIST_DDPM_CPU, **SDE_CPU},
         "18_lesion_diffusion": LESION_DDPM_CPU,
         "19_adversarial": ADVERSARIAL_CPU,
+        "20_before_after": {"n_boot": 2000},
     },
     "gpu": {
         "02_forward_process": {"n_digits": 8},
@@ -225,6 +227,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "13_sde": {**MNIST_DDPM_GPU, **SDE_GPU},
         "18_lesion_diffusion": LESION_DDPM_GPU,
         "19_adversarial": ADVERSARIAL_GPU,
+        "20_before_after": {"n_boot": 2000},
     },
 }
 

@@ -3,7 +3,7 @@ controls of equal size, resuming after an interruption, refusing another loop's 
 stand-in classifier and generator, and the statistics against hand-computed and simulated oracles."""
 import json, math
 import numpy as np, pandas as pd, pytest, torch
-from skindiff.core import ConfigError, atomic_torch_save
+from skindiff.core import ConfigError, SkindiffError, atomic_torch_save, atomic_savez
 from skindiff.skin import SKIN_CLASSES, lesion_split
 from skindiff.adversarial import (LoopConfig, Backend, SplitData, LeakageError, loop_split, check_loop_split, check_training_sources,
                                   check_eval_set, check_classes, run_loop, run_controls, predict_arms, arm_model_paths,
@@ -269,3 +269,44 @@ def test_mel_vs_nv_score():
     p = np.zeros((2, C)); mel, nv = SKIN_CLASSES.index("mel"), SKIN_CLASSES.index("nv")
     p[0, mel], p[0, nv], p[1, mel], p[1, nv] = 0.3, 0.1, 0.1, 0.3
     assert mel_vs_nv(p) == pytest.approx([0.75, 0.25])
+
+# --- the untargeted control tops up what the near-copy rule drops, or says why it cannot ---
+def copying_backend(train_x, p_copy):
+    "tiny_backend whose class-conditional samples are exact training images with probability p_copy."
+    b = tiny_backend()
+    def sample(y, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = (120 + 60 * torch.randn(len(y), 3, S, S, generator=g)).clamp(0, 255).round().to(torch.uint8)
+        copy = torch.rand(len(y), generator=g) < p_copy
+        x[copy] = train_x[torch.randint(0, len(train_x), (int(copy.sum()),), generator=g)]
+        return x
+    b.sample = sample
+    return b
+
+def test_untargeted_control_matches_the_class_counts_despite_near_copies(split_table, tmp_path):
+    train_x = loop_data(split_table)["train"].x
+    cfg, rounds, controls = run_all(split_table, tmp_path, copying_backend(train_x, 0.6))
+    assert (controls["added"] == controls["added"].iloc[0]).all() and controls["added"].iloc[0] > 0
+    assert (controls[list(SKIN_CLASSES)].nunique() == 1).all()
+    added = pd.read_csv(tmp_path/"seed0"/"arm_untargeted"/"added.csv") if (tmp_path/"seed0"/"arm_untargeted"/"added.csv").is_file() else None
+    assert added is None or len(added) == controls["added"].iloc[0]
+
+def test_untargeted_control_refuses_a_generator_that_only_copies(split_table, tmp_path):
+    train_x = loop_data(split_table)["train"].x
+    data = loop_data(split_table); data.pop("test")
+    cfg = LoopConfig(**CFG)
+    run_loop(cfg, data, split_table, tiny_backend(), tmp_path, 0, gen_batch=8, log=lambda s: None)
+    with pytest.raises(SkindiffError, match="near-copy rule"):
+        run_controls(cfg, data, split_table, copying_backend(train_x, 1.0), tmp_path, 0, log=lambda s: None)
+
+def test_a_control_folder_with_other_counts_is_refused(split_table, tmp_path):
+    cfg, rounds, controls = run_all(split_table, tmp_path, tiny_backend())
+    data = loop_data(split_table); data.pop("test")
+    r = next(r for r in range(cfg.rounds) if len(pd.read_csv(tmp_path/"seed0"/f"round{r}"/"kept.csv")))
+    kept = tmp_path/"seed0"/f"round{r}"/"kept"
+    k = pd.read_csv(kept.with_suffix(".csv"), keep_default_na=False)
+    with np.load(kept.with_suffix(".npz")) as z: imgs = z["images"]
+    atomic_savez(kept.with_suffix(".npz"), images=imgs[1:])                         # the loop now claims one image fewer
+    k.iloc[1:].to_csv(kept.with_suffix(".csv"), index=False)
+    with pytest.raises(ConfigError, match="remove .* to rebuild this control"):
+        run_controls(cfg, data, split_table, tiny_backend(), tmp_path, 0, log=lambda s: None)
