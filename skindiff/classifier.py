@@ -27,9 +27,9 @@ from .skin import SKIN_CLASSES, ISIC2018_COLUMNS      # label vocabulary; ISIC 2
 __all__ = ['LITE0_ARCH', 'LITE0_PACKAGE', 'LITE0_FILE', 'LITE0_SHA256', 'LITE0_STAGE_DEPTHS', 'CONVERTED_FORMAT',
            'DIHEDRAL_VIEWS', 'LUMA', 'MAX_ZOOM', 'IMBALANCE_POWERS', 'ECE_BINS', 'TARGET_SPECIFICITY',
            'CLASSIFIER_FORMAT', 'WeightsError', 'lite0_weight_file', 'lite0_key', 'convert_lite0_state_dict',
-           'pretrained_lite0_path', 'normalisation', 'create_classifier', 'normalise', 'extract_features',
-           'linear_probe_accuracy', 'Augment', 'dihedral_view', 'random_zoom', 'augment_batch', 'class_weights',
-           'classifier_loss_fn', 'predict_proba', 'confusion_matrix', 'roc_curve', 'roc_auc',
+           'pretrained_lite0_path', 'normalisation', 'create_classifier', 'freeze_stages', 'normalise',
+           'extract_features', 'linear_probe_accuracy', 'Augment', 'dihedral_view', 'random_zoom', 'augment_batch',
+           'class_weights', 'classifier_loss_fn', 'predict_proba', 'confusion_matrix', 'roc_curve', 'roc_auc',
            'sensitivity_at_specificity', 'reliability_bins', 'expected_calibration_error', 'classification_metrics',
            'bootstrap_ci', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability', 'prediction_columns',
            'write_predictions_csv', 'evaluate', 'metrics_table', 'ClassifierTrainResult', 'train_classifier',
@@ -157,6 +157,19 @@ def create_classifier(num_classes: int, arch: str = LITE0_ARCH, pretrained: bool
         except RuntimeError as e:
             raise WeightsError(f"{path} does not fit {arch}: {str(e).splitlines()[0][:300]}") from None
     model.reset_classifier(num_classes)
+    return model
+
+# %% ../nbs/15_classifier.ipynb #dbd85ba4
+def freeze_stages(model: nn.Module, n: int) -> nn.Module:
+    """Freeze the stem and the first `n` stages of an EfficientNet-style timm model (`conv_stem`, `bn1`, `blocks[:n]`)
+    so that their weights get no gradient; n = 0 freezes nothing. Returns `model`."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0: raise ConfigError(f"freeze_stages: n={n!r}, expected an int >= 0")
+    if n == 0: return model
+    if not all(hasattr(model, a) for a in ("conv_stem", "bn1", "blocks")):
+        raise ConfigError(f"freeze_stages: {type(model).__name__} has no conv_stem/bn1/blocks (an EfficientNet-style timm model was expected)")
+    if n > len(model.blocks): raise ConfigError(f"freeze_stages: n={n}, but the model has only {len(model.blocks)} stages")
+    for m in (model.conv_stem, model.bn1, *model.blocks[:n]):
+        for p in m.parameters(): p.requires_grad_(False)
     return model
 
 # %% ../nbs/15_classifier.ipynb #9024c537

@@ -394,3 +394,23 @@ def test_train_classifier_bad_input():
     with pytest.raises(ConfigError, match="uint8"): clf.train_classifier(m, (x.float(), y), cfg, class_names=["a", "b", "c"])
     with pytest.raises(ConfigError, match="labels"): clf.train_classifier(m, (x, y[:5]), cfg, class_names=["a", "b", "c"])
     with pytest.raises(ConfigError, match="0..1"): clf.train_classifier(m, (x, y), cfg, class_names=["a", "b"])
+
+
+def test_freeze_stages_keeps_the_early_weights_and_trains_the_rest():
+    torch.manual_seed(0)
+    model = clf.freeze_stages(clf.create_classifier(7, pretrained=False), 2)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(torch.randn(4, 3, 32, 32)).logsumexp(1).sum().backward(); opt.step()
+    frozen = ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")
+    for k, v in model.named_parameters():
+        same = torch.equal(v, before[k])
+        assert same if k.startswith(frozen) else True, k
+    assert not all(torch.equal(v, before[k]) for k, v in model.named_parameters() if k.startswith(("blocks.2.", "classifier.")))
+    assert clf.freeze_stages(clf.create_classifier(7, pretrained=False), 0) is not None
+
+@pytest.mark.parametrize("n,match", [(-1, "expected an int >= 0"), (1.5, "expected an int >= 0"), (True, "expected an int >= 0"),
+                                     (99, "only 7 stages")])
+def test_freeze_stages_bad_input(n, match):
+    with pytest.raises(ConfigError, match=match): clf.freeze_stages(clf.create_classifier(7, pretrained=False), n)
+    with pytest.raises(ConfigError, match="EfficientNet-style"): clf.freeze_stages(torch.nn.Linear(2, 2), 1)
