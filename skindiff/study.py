@@ -165,8 +165,8 @@ LESION_DDPM_GPU = dict(LESION_DDPM_CPU, image_size=64, train_steps=30000, batch_
                        sample_precision="float32", feature_batch=200)
 
 # The adversarial loop (chapter 19) reuses chapter 18's lesion DDPM, so its recipe fields must equal chapter 18's.
-# cpu: 3 seeds × (before + 2 rounds + 3 controls × 2 rounds) classifier trainings of 300 steps at 64 px input, estimated
-# at about 22 minutes on 2 idle cores from per-step timings (not yet measured end to end).
+# cpu: 3 seeds × 6 classifier trainings (round 0, 2 rounds, 3 controls) of 300 steps at 64 px input. Measured on 2 idle
+# cores (runs/cpu9): chapter 18 514 s, chapter 19 1201 s, chapter 20 17 s, so 28.9 minutes of the 60-minute budget.
 LESION_DDPM_RECIPE = ("image_size", "max_train_images", "train_steps", "batch_size", "lr", "warmup_steps", "ema_decay",
                       "base_channels", "channel_mults", "num_res_blocks", "attention_resolutions", "norm_groups", "dropout",
                       "p_uncond", "dihedral")
