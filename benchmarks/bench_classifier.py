@@ -7,6 +7,9 @@ normalisation, forward, weighted label-smoothed cross-entropy, backward, AdamW. 
 `max_memory_allocated` on CUDA) belongs to that resolution alone. Not a test: run it by hand, e.g.
 
     nice -n 19 python benchmarks/bench_classifier.py --device cpu --sizes 64 96 128 224 --batch 32 --iters 4
+
+`--freeze 0 2` also measures the model with its stem and first 2 stages frozen (`classifier.freeze_stages`) and prints
+each training speed as a ratio to the unfrozen model at the same size, from the same run.
 """
 from __future__ import annotations
 import argparse, json, statistics, time
@@ -17,19 +20,19 @@ NUM_CLASSES = 7
 WARMUP_ITERS = 1
 
 
-def measure(size: int, device: str, batch: int, iters: int, threads: int) -> dict:
+def measure(size: int, device: str, batch: int, iters: int, threads: int, freeze: int = 0) -> dict:
     "Median seconds per training step and per inference batch at `size` px, and peak memory."
     import torch
     from skindiff import classifier as clf
     from skindiff.train import EMA
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = clf.create_classifier(NUM_CLASSES).to(device).to(memory_format=torch.channels_last)
+    model = clf.freeze_stages(clf.create_classifier(NUM_CLASSES), freeze).to(device).to(memory_format=torch.channels_last)
     mean, std = clf.normalisation(clf.LITE0_ARCH)
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     y = torch.arange(batch, device=device) % NUM_CLASSES
     loss_fn = clf.classifier_loss_fn(mean, std, torch.ones(NUM_CLASSES), 0.1, clf.Augment())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ema = EMA(model, 0.999)
     cuda = device.startswith("cuda")
     if cuda: torch.cuda.reset_peak_memory_stats()
@@ -52,7 +55,7 @@ def measure(size: int, device: str, batch: int, iters: int, threads: int) -> dic
     train_s = timed(train_step)
     infer_s = timed(lambda: clf.predict_proba(model, x, mean, std, batch_size=batch, device=device))
     peak, peak_kind = peak_mib(cuda)
-    return dict(size=size, batch=batch, device=device, threads=threads, train_step_s=train_s, train_images_per_s=batch / train_s,
+    return dict(size=size, freeze=freeze, batch=batch, device=device, threads=threads, train_step_s=train_s, train_images_per_s=batch / train_s,
                 infer_batch_s=infer_s, infer_images_per_s=batch / infer_s, peak_mib=peak,
                 peak_kind=peak_kind)
 
@@ -64,18 +67,23 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--iters", type=int, default=4, help="timed iterations after warm-up (median is reported)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--freeze", type=int, nargs="+", default=[0], help="frozen early stages to measure (0 = none)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--_one", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._one is not None:
-        print(json.dumps(measure(a._one, a.device, a.batch, a.iters, a.threads))); return
+        print(json.dumps(measure(a._one, a.device, a.batch, a.iters, a.threads, a.freeze[0]))); return
     rows = []
     for s in a.sizes:
-        rows.append(run_worker(__file__, ["--_one", str(s), "--device", a.device, "--batch", str(a.batch),
-               "--iters", str(a.iters), "--threads", str(a.threads)], f"size {s}"))
+        for f in a.freeze:
+            rows.append(run_worker(__file__, ["--_one", str(s), "--device", a.device, "--batch", str(a.batch), "--iters", str(a.iters),
+                                              "--threads", str(a.threads), "--freeze", str(f)], f"size {s}, freeze {f}"))
     print(f"tf_efficientnet_lite0, {NUM_CLASSES} classes, batch {a.batch}, device {a.device}, {a.threads} threads")
-    print(f"{'px':>5} {'train img/s':>12} {'infer img/s':>12} {'peak MiB':>10}")
-    for r in rows: print(f"{r['size']:5d} {r['train_images_per_s']:12.1f} {r['infer_images_per_s']:12.1f} {r['peak_mib']:10.0f}")
+    print(f"{'px':>5} {'freeze':>6} {'train img/s':>12} {'× unfrozen':>10} {'infer img/s':>12} {'peak MiB':>10}")
+    base = {r["size"]: r["train_images_per_s"] for r in rows if r["freeze"] == 0}
+    for r in rows:
+        ratio = f"{r['train_images_per_s'] / base[r['size']]:10.2f}" if r["size"] in base else f"{'–':>10}"
+        print(f"{r['size']:5d} {r['freeze']:6d} {r['train_images_per_s']:12.1f} {ratio} {r['infer_images_per_s']:12.1f} {r['peak_mib']:10.0f}")
     if a.json:
         from skindiff.core import atomic_write_json
         atomic_write_json(a.json, rows)
