@@ -26,13 +26,14 @@ from .guidance import (NUM_CLASSES, check_guidance_scale, check_t0, check_labels
                                variant_metadata)
 
 # %% auto #0
-__all__ = ['LOOP_SPLITS', 'TRAINING_SIDE', 'MINE_FRACTION', 'UNTARGETED_KIND', 'STRONG_AUGMENT', 'ARMS', 'BEFORE',
-           'UNTARGETED_EXTRA', 'UNTARGETED_ATTEMPTS', 'LeakageError', 'check_loop_split', 'loop_split', 'subset_split',
-           'check_training_sources', 'check_generator_training', 'check_eval_set', 'LoopConfig', 'check_classes',
-           'mine_hard_cases', 'pixel_vectors', 'nearest_neighbours', 'near_copy_thresholds', 'flag_near_copies',
-           'Backend', 'lite0_ddpm_backend', 'SplitData', 'split_data', 'check_loop_params', 'run_loop', 'build_control',
-           'run_controls', 'arm_model_paths', 'predict_arms', 'class_sensitivities', 'balanced_accuracy',
-           'per_class_sensitivity', 'mean_sd', 'paired_bootstrap_diff', 'mcnemar', 'mel_vs_nv']
+__all__ = ['LOOP_SPLITS', 'TRAINING_SIDE', 'MINE_FRACTION', 'UNTARGETED_KIND', 'STRONG_AUGMENT', 'ARMS', 'BEFORE', 'TARGETED',
+           'ALL_ARMS', 'ARM_LABELS', 'UNTARGETED_EXTRA', 'UNTARGETED_ATTEMPTS', 'LeakageError', 'check_loop_split',
+           'loop_split', 'subset_split', 'check_training_sources', 'check_generator_training', 'check_eval_set',
+           'LoopConfig', 'check_classes', 'mine_hard_cases', 'pixel_vectors', 'nearest_neighbours',
+           'near_copy_thresholds', 'flag_near_copies', 'Backend', 'lite0_ddpm_backend', 'SplitData', 'split_data',
+           'check_loop_params', 'run_loop', 'build_control', 'run_controls', 'arm_model_paths', 'predict_arms',
+           'class_sensitivities', 'balanced_accuracy', 'per_class_sensitivity', 'mean_sd', 'paired_bootstrap_diff',
+           'mcnemar', 'mel_vs_nv']
 
 # %% ../nbs/19_adversarial.ipynb #22a19784
 LOOP_SPLITS = ("train", "mine", "select", "test")
@@ -258,6 +259,9 @@ def lite0_ddpm_backend(cfg: LoopConfig, select: tuple[Tensor, Tensor], ddpm: nn.
 ARMS = {"real": "(a) real only", "augment": "(b) hard cases + strong augmentation",
         "untargeted": "(c) untargeted synthetic", "targeted": "(d) targeted loop"}
 BEFORE = "before"          # the round-0 classifier: real training images only, nothing added
+TARGETED = "targeted"      # arm (d), the loop itself
+ALL_ARMS = (BEFORE, *ARMS)                 # table order: before, (a), (b), (c), (d)
+ARM_LABELS = {BEFORE: "before (round 0)", **ARMS}
 
 @dataclasses.dataclass
 class SplitData:
@@ -481,7 +485,7 @@ def run_controls(cfg: LoopConfig, data: dict[str, SplitData], table: pd.DataFram
     ref_x = torch.cat([tr.x, data["mine"].x])
     thresholds = json.loads((folder/"near_copy_thresholds.json").read_text()) if (folder/"near_copy_thresholds.json").is_file() else None
     ref = None
-    out = [dict(arm="targeted", added=int(counts.sum()), **{c: int(n) for c, n in zip(backend.classes, counts)})]
+    out = [dict(arm=TARGETED, added=int(counts.sum()), **{c: int(n) for c, n in zip(backend.classes, counts)})]
     for arm in ("real", "augment", "untargeted"):
         ad = folder/f"arm_{arm}"
         ad.mkdir(exist_ok=True)
@@ -507,7 +511,7 @@ def arm_model_paths(out_dir: str | os.PathLike, seed: int, rounds: int) -> dict[
     "The classifier file of every arm of `seed`, and of the round-0 model (`before`)."
     folder = Path(out_dir)/f"seed{int(seed)}"
     return {BEFORE: folder/"round0"/"model.pt", "real": folder/"arm_real"/"model.pt", "augment": folder/"arm_augment"/"model.pt",
-            "untargeted": folder/"arm_untargeted"/"model.pt", "targeted": folder/f"round{rounds}"/"model.pt"}
+            "untargeted": folder/"arm_untargeted"/"model.pt", TARGETED: folder/f"round{rounds}"/"model.pt"}
 
 def predict_arms(out_dir: str | os.PathLike, seeds: Sequence[int], rounds: int, backend: Backend, x: Tensor) -> dict[str, np.ndarray]:
     "Probabilities S×N×C of every arm (and `before`) on uint8 images `x`, one row per seed: for the final, single test."

@@ -18,18 +18,15 @@ import pandas as pd
 from .core import ConfigError, SkindiffError
 from .skin import SKIN_CLASSES
 from .classifier import TARGET_SPECIFICITY, classification_metrics, roc_auc
-from .adversarial import (ARMS, BEFORE, class_sensitivities, balanced_accuracy, paired_bootstrap_diff, mcnemar,
-                                  mean_sd, mel_vs_nv)
+from .adversarial import (BEFORE, TARGETED, ALL_ARMS, ARM_LABELS, class_sensitivities, balanced_accuracy,
+                                  paired_bootstrap_diff, mcnemar, mean_sd, mel_vs_nv)
 
 # %% auto #0
-__all__ = ['ALL_ARMS', 'ARM_LABELS', 'TARGETED', 'MINORITY', 'HEADLINE', 'StudyPredictions', 'load_predictions', 'seed_metrics',
-           'arm_table', 'class_sensitivity_metric', 'accuracy_metric', 'comparison_metrics', 'verdict', 'compare_arms',
-           'hard_cases', 'hard_case_rates', 'ph2_metrics', 'auc_metric', 'conclusion']
+__all__ = ['MINORITY', 'HEADLINE', 'StudyPredictions', 'load_predictions', 'seed_metrics', 'arm_table',
+           'class_sensitivity_metric', 'accuracy_metric', 'comparison_metrics', 'verdict', 'compare_arms', 'hard_cases',
+           'hard_case_rates', 'ph2_metrics', 'auc_metric', 'conclusion']
 
 # %% ../nbs/20_before_after.ipynb #415f27e5
-ALL_ARMS = (BEFORE, *ARMS)                 # table order: before, (a), (b), (c), (d)
-ARM_LABELS = {BEFORE: "before (round 0)", **ARMS}
-TARGETED = "targeted"
 MINORITY = ("df", "vasc", "akiec")         # HAM10000's three smallest classes; mel is reported beside them
 
 @dataclasses.dataclass

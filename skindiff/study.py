@@ -113,7 +113,7 @@ CHAPTERS: list[Chapter] = [
     Chapter("20_before_after", needs=("ham10000", "ph2")),      # reads chapter 19's adversarial/predictions.npz
 ]
 
-# The lesion classifier of chapter 16 (cpu: 2000 steps at 112 px, about 23 minutes of training on 2 idle cores with
+# The lesion classifier of chapter 16 (cpu: 2000 steps at 112 px, 1084 s of training on 2 idle cores, plus 148 s for
 # the DermaMNIST model). Measured on the lesion-grouped test: 800 steps, accuracy 0.803 / balanced accuracy 0.716;
 # 1250 steps (792 s), 0.819 / 0.731; 2000 steps (1084 s + 148 s for DermaMNIST), 0.808 / 0.744; 128 px with
 # zoom=0.3 and 850 steps, 0.811 / 0.695; 128 px with the stem and 2 stages frozen (freeze=2) and 2200 steps (1149 s),
