@@ -29,11 +29,12 @@ __all__ = ['LITE0_ARCH', 'LITE0_PACKAGE', 'LITE0_FILE', 'LITE0_SHA256', 'LITE0_S
            'CLASSIFIER_FORMAT', 'WeightsError', 'lite0_weight_file', 'lite0_key', 'convert_lite0_state_dict',
            'pretrained_lite0_path', 'normalisation', 'create_classifier', 'freeze_stages', 'normalise',
            'extract_features', 'linear_probe_accuracy', 'Augment', 'dihedral_view', 'random_zoom', 'augment_batch',
-           'class_weights', 'classifier_loss_fn', 'predict_proba', 'confusion_matrix', 'roc_curve', 'roc_auc',
+           'class_weights', 'classifier_loss_fn', 'trunk_forward', 'head_forward', 'adapt_trunk_batchnorm',
+           'trunk_features', 'cached_trunk_loss_fn', 'predict_proba', 'confusion_matrix', 'roc_curve', 'roc_auc',
            'sensitivity_at_specificity', 'reliability_bins', 'expected_calibration_error', 'classification_metrics',
            'bootstrap_ci', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability', 'prediction_columns',
            'write_predictions_csv', 'evaluate', 'metrics_table', 'ClassifierTrainResult', 'train_classifier',
-           'save_classifier', 'load_classifier', 'evaluate_checkpoint', 'predict']
+           'EnsembleClassifier', 'save_classifier', 'load_classifier', 'evaluate_checkpoint', 'predict']
 
 # %% ../nbs/15_classifier.ipynb #aca8e2e5
 LITE0_ARCH = "tf_efficientnet_lite0"
@@ -298,6 +299,83 @@ def classifier_loss_fn(mean: Sequence[float], std: Sequence[float], weight: Tens
         return F.cross_entropy(logits.float(), y, weight=w, label_smoothing=label_smoothing)
     return loss_fn
 
+# %% ../nbs/15_classifier.ipynb #0ca738fb
+def _check_trunk(model: nn.Module, n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ConfigError(f"trunk: n={n!r}, expected an int >= 1 (stem + n stages)")
+    if not all(hasattr(model, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")):
+        raise ConfigError(f"trunk: {type(model).__name__} is not an EfficientNet-style timm model (conv_stem, bn1, blocks, conv_head, bn2)")
+    if n >= len(model.blocks): raise ConfigError(f"trunk: n={n}, but the model has {len(model.blocks)} stages; at least one must stay trainable")
+
+def trunk_forward(model: nn.Module, x: Tensor, n: int) -> Tensor:
+    "T(x): the stem and the first `n` stages of an EfficientNet-style timm model; normalised images N×3×H×W → N×C×H/s×W/s."
+    return model.blocks[:n](model.bn1(model.conv_stem(x)))
+
+def head_forward(model: nn.Module, h: Tensor, n: int) -> Tensor:
+    "H(h): stages `n`…, the head convolution, pooling and the classifier; trunk features → logits N×classes."
+    return model.forward_head(model.bn2(model.conv_head(model.blocks[n:](h))))
+
+def _trunk_batchnorms(model: nn.Module, n: int) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for part in (model.conv_stem, model.bn1, *model.blocks[:n]) for m in part.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+@torch.no_grad()
+def adapt_trunk_batchnorm(model: nn.Module, images, mean: Sequence[float], std: Sequence[float], n: int,
+                          batch_size: int = 128, device: str | torch.device | None = None) -> nn.Module:
+    """AdaBN: replace the running mean/variance of the BatchNorm layers in the stem and the first `n` stages by their
+    average over uint8 `images` N×3×H×W (one view each), in order, so the result does not depend on the batch size's
+    remainder beyond float rounding. The layers above are not touched. Returns `model` (evaluation mode)."""
+    _check_trunk(model, n)
+    x, dev = _as_uint8_images(images), get_device(device)
+    model = model.to(dev).eval()
+    bns = _trunk_batchnorms(model, n)
+    saved = [(bn.momentum, bn.training) for bn in bns]
+    for bn in bns: bn.reset_running_stats(); bn.momentum = None; bn.train()      # momentum None: cumulative average
+    try:
+        for i in range(0, len(x), batch_size):
+            trunk_forward(model, normalise(x[i:i + batch_size].to(dev), mean, std).contiguous(memory_format=torch.channels_last), n)
+    finally:
+        for bn, (mom, _) in zip(bns, saved): bn.momentum = mom
+    return model.eval()
+
+@torch.no_grad()
+def trunk_features(model: nn.Module, images, mean: Sequence[float], std: Sequence[float], n: int, augment: Augment | None = Augment(),
+                   seed: int = 0, batch_size: int = 128, device: str | torch.device | None = None,
+                   dtype: torch.dtype = torch.float16, progress: bool = False) -> Tensor:
+    """The cache of eq 15.6: trunk outputs N×V×C×h×w (`dtype`, CPU) of uint8 `images` N×3×H×W, one per dihedral view
+    (V = 8; V = 1 when `augment` is None or has `dihedral=False`), each with its own colour jitter drawn from `seed`.
+    The trunk runs in evaluation mode. Zoom cannot be cached (it is drawn per step), so `augment.zoom` must be 0."""
+    from tqdm.auto import tqdm
+    _check_trunk(model, n)
+    if augment is not None and augment.zoom: raise ConfigError(f"trunk_features: augment.zoom={augment.zoom}; a random zoom cannot be cached")
+    x, dev = _as_uint8_images(images), get_device(device)
+    model = model.to(dev).eval()
+    views = DIHEDRAL_VIEWS if augment is not None and augment.dihedral else 1
+    colour = None if augment is None else dataclasses.replace(augment, dihedral=False, zoom=0.0)
+    gen = torch.Generator(device=dev).manual_seed(int(seed))
+    out = None
+    for i in tqdm(range(0, len(x), batch_size), desc="trunk cache", disable=not progress, mininterval=1):
+        xb = x[i:i + batch_size].to(dev).float()/255
+        for k in range(views):
+            v = dihedral_view(xb, k)
+            if colour is not None: v = augment_batch(v, gen, colour)
+            h = trunk_forward(model, normalise(v, mean, std).contiguous(memory_format=torch.channels_last), n)
+            if out is None: out = torch.empty(len(x), views, *h.shape[1:], dtype=dtype)
+            out[i:i + len(h), k] = h.to("cpu", dtype)
+    return out if out is not None else torch.empty(0, views, 0, 0, 0, dtype=dtype)
+
+def cached_trunk_loss_fn(n: int, weight: Tensor | None = None, label_smoothing: float = 0.0) -> Callable:
+    """`loss_fn(model, (trunk features N×V×C×h×w, labels N), generator)` for `skindiff.train.train`: eq 15.2 on the head's
+    output for one random cached view per image (eq 15.6)."""
+    if not 0 <= label_smoothing < 1: raise ConfigError(f"label_smoothing={label_smoothing}: expected 0 <= ε < 1")
+    def loss_fn(model: nn.Module, batch: tuple, generator: torch.Generator) -> Tensor:
+        h, y = batch[0], batch[1]
+        k = torch.randint(0, h.shape[1], (len(h),), generator=generator, device=generator.device).to(h.device)
+        hk = h[torch.arange(len(h), device=h.device), k].float().contiguous(memory_format=torch.channels_last)
+        logits = head_forward(model, hk, n)
+        w = None if weight is None else weight.to(logits.device, torch.float32)
+        return F.cross_entropy(logits.float(), y, weight=w, label_smoothing=label_smoothing)
+    return loss_fn
+
 # %% ../nbs/15_classifier.ipynb #6b8324b2
 @torch.inference_mode()
 def predict_proba(model: nn.Module, images, mean: Sequence[float], std: Sequence[float], batch_size: int = 128,
@@ -556,10 +634,11 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
                      std: Sequence[float] | None = None, imbalance: str = "sqrt", label_smoothing: float = 0.1,
                      augment: Augment | None = Augment(), eval_every: int | None = None, tta: bool = False,
                      ckpt_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                     meta: dict | None = None, progress: bool = True) -> ClassifierTrainResult:
+                     meta: dict | None = None, progress: bool = True, cache_trunk: int = 0) -> ClassifierTrainResult:
     """Fine-tune `model` on `train_data` = (uint8 images N×3×H×W, labels) with weighted, label-smoothed cross-entropy
     (eqs 15.1–15.2) and augmentation; every `eval_every` steps score the EMA on `val_data` and keep the best
-    balanced accuracy. Resumes from `ckpt_dir`."""
+    balanced accuracy. Resumes from `ckpt_dir`. `cache_trunk=n` freezes the stem and `n` stages, re-estimates their
+    BatchNorm statistics on the training images and trains the rest on cached trunk features (eq 15.6)."""
     x, y = _split(train_data, "train_data")
     C = len(class_names)
     if len(set(class_names)) != C: raise ConfigError(f"class_names: {list(class_names)} has duplicates")
@@ -569,7 +648,13 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
     meta = dict(task="classifier", arch=arch, classes=list(class_names), image_size=int(x.shape[-1]), mean=[float(v) for v in mean],
                 std=[float(v) for v in std], imbalance=imbalance, label_smoothing=float(label_smoothing),
                 augment=dataclasses.asdict(augment) if augment is not None else None, **(meta or {}))
-    loss_fn = classifier_loss_fn(mean, std, weight, label_smoothing, augment)
+    if cache_trunk:
+        if augment is not None and augment.zoom: raise ConfigError(f"cache_trunk={cache_trunk} with augment.zoom={augment.zoom}: a random zoom cannot be cached")
+        meta["cache_trunk"] = int(cache_trunk)
+        adapt_trunk_batchnorm(freeze_stages(model, cache_trunk), x, mean, std, cache_trunk, device=device)
+        data = (trunk_features(model, x, mean, std, cache_trunk, augment, seed=cfg.seed, device=device, progress=progress), y)
+        loss_fn = cached_trunk_loss_fn(cache_trunk, weight, label_smoothing)
+    else: data, loss_fn = (x, y), classifier_loss_fn(mean, std, weight, label_smoothing, augment)
     if val_data is not None: xv, yv = _split(val_data, "val_data")
     every = cfg.steps if val_data is None or not eval_every else int(eval_every)
     if every <= 0: raise ConfigError(f"eval_every={eval_every}: expected a positive number of steps")
@@ -586,7 +671,7 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
         res = None
         for stop in [*range(every, cfg.steps, every), cfg.steps]:
             if stop < start: continue
-            res = train(model, loss_fn, (x, y), cfg, ckpt_dir=folder, device=device, meta=meta, progress=progress,
+            res = train(model, loss_fn, data, cfg, ckpt_dir=folder, device=device, meta=meta, progress=progress,
                         desc="classifier", stop_at=stop)
             if val_data is None or res.step in done: continue
             pv = predict_proba(res.ema, xv, mean, std, tta=tta, device=device)
@@ -604,11 +689,34 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
         if tmp: tmp.cleanup()
 
 # %% ../nbs/15_classifier.ipynb #f171f8bf
+class EnsembleClassifier(nn.Module):
+    """Several classifiers as one: the output is log of the members' mean softmax, log (1/M) Σ_m softmax(f_m(x)), so
+    `softmax` of it (what `predict_proba` takes) is the mean probability. As a feature extractor (`forward_features`,
+    `forward_head(..., pre_logits=True)`) it concatenates the members' pooled features."""
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        if len(members) < 1: raise ConfigError("EnsembleClassifier: expected at least one member")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def num_features(self) -> int: return sum(int(m.num_features) for m in self.members)
+
+    def _mean_log_prob(self, logits: list[Tensor]) -> Tensor:
+        return torch.stack([z.float().log_softmax(1) for z in logits]).logsumexp(0) - math.log(len(logits))
+
+    def forward(self, x: Tensor) -> Tensor: return self._mean_log_prob([m(x) for m in self.members])
+    def forward_features(self, x: Tensor) -> list[Tensor]: return [m.forward_features(x) for m in self.members]
+    def forward_head(self, features: list[Tensor], pre_logits: bool = False) -> Tensor:
+        if pre_logits: return torch.cat([m.forward_head(f, pre_logits=True) for m, f in zip(self.members, features)], 1)
+        return self._mean_log_prob([m.forward_head(f) for m, f in zip(self.members, features)])
+
 def save_classifier(model: nn.Module, path: str | os.PathLike, meta: dict) -> Path:
-    "Save `model` with `meta` (needs arch, classes, image_size, mean, std; more keys are kept) atomically to `path`."
+    """Save `model` with `meta` (needs arch, classes, image_size, mean, std; more keys are kept) atomically to `path`.
+    An `EnsembleClassifier` is saved whole, with its member count as `meta['ensemble']`."""
     need = ("arch", "classes", "image_size", "mean", "std")
     missing = [k for k in need if k not in meta]
     if missing: raise ConfigError(f"meta: missing {missing}; expected at least {list(need)}")
+    meta = dict(meta, ensemble=len(model.members)) if isinstance(model, EnsembleClassifier) else {k: v for k, v in meta.items() if k != "ensemble"}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return atomic_torch_save(dict(format=CLASSIFIER_FORMAT, meta=json.loads(json.dumps(meta, default=str)), state_dict=state), path)
 
@@ -623,7 +731,11 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
     if fmt == CLASSIFIER_FORMAT: meta, state = ck["meta"], ck["state_dict"]
     elif fmt == CKPT_FORMAT and ck.get("meta", {}).get("task") == "classifier": meta, state = ck["meta"], ck["ema"]
     else: raise CheckpointError(f"{path} is not a skindiff classifier (format {fmt!r}); expected a file from save_classifier")
-    model = create_classifier(len(meta["classes"]), meta["arch"], pretrained=False)
+    k = meta.get("ensemble")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise CheckpointError(f"{path}: meta 'ensemble' is {k!r}, expected a member count >= 1")
+    make = lambda: create_classifier(len(meta["classes"]), meta["arch"], pretrained=False)
+    model = make() if k is None else EnsembleClassifier([make() for _ in range(k)])
     try: model.load_state_dict(state)
     except RuntimeError as e: raise CheckpointError(f"{path} does not fit {meta['arch']}: {str(e).splitlines()[0][:300]}") from None
     return model.to(get_device(device)).eval(), meta

@@ -414,3 +414,69 @@ def test_freeze_stages_keeps_the_early_weights_and_trains_the_rest():
 def test_freeze_stages_bad_input(n, match):
     with pytest.raises(ConfigError, match=match): clf.freeze_stages(clf.create_classifier(7, pretrained=False), n)
     with pytest.raises(ConfigError, match="EfficientNet-style"): clf.freeze_stages(torch.nn.Linear(2, 2), 1)
+
+
+# ---------------------------------------------------------------- cached trunk (eq 15.6) and ensembles
+
+def _cached_fit(ckpt_dir, steps=6, kill_at=None):
+    "train_classifier with cache_trunk=2; `kill_at` first runs the same recipe and stops it there, as a killed run would."
+    x, y = _tiny_data()
+    cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-3, ema_decay=0.5, ckpt_every=100, seed=0)
+    kw = dict(class_names=["a", "b", "c"], eval_every=3, ckpt_dir=ckpt_dir, device="cpu", progress=False, cache_trunk=2)
+    if kill_at is not None:
+        torch.manual_seed(0)
+        clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y),
+                             dataclasses.replace(cfg, steps=kill_at), (x[:24], y[:24]), **{**kw, "ckpt_dir": ckpt_dir/"tmp"})
+        for p in (ckpt_dir/"tmp").iterdir(): p.rename(ckpt_dir/p.name) if p.name.startswith("ckpt_") else p.unlink()
+        (ckpt_dir/"tmp").rmdir()
+    torch.manual_seed(0)
+    model = clf.create_classifier(3, pretrained=False)
+    return model, clf.train_classifier(model, (x, y), cfg, (x[:24], y[:24]), **kw)
+
+
+def test_cached_trunk_training_trains_the_head_only_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    ref = clf.create_classifier(3, pretrained=False).state_dict()
+    model, a = _cached_fit(tmp_path/"a")
+    assert a.meta["cache_trunk"] == 2 and [h["step"] for h in a.history] == [3, 6]
+    for k, v in a.model.state_dict().items():
+        if k.startswith(("conv_stem.", "blocks.0.", "blocks.1.")) and "running" not in k and "num_batches" not in k:
+            assert torch.equal(v, ref[k]), k                            # the trunk's weights never move
+    assert not torch.equal(a.model.state_dict()["bn1.running_mean"], ref["bn1.running_mean"])      # AdaBN re-estimated
+    assert not torch.equal(a.model.state_dict()["classifier.weight"], ref["classifier.weight"])
+    (tmp_path/"b").mkdir()
+    _, b = _cached_fit(tmp_path/"b", kill_at=3)                         # resumes from the step-3 checkpoint
+    assert b.train.resumed_from == 3
+    for (k, v), w in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.allclose(v.float(), w.float(), atol=1e-6), k      # the recomputed cache is the same cache
+
+
+def test_cached_trunk_bad_input():
+    x, y = _tiny_data(n=12)
+    cfg = TrainConfig(steps=1, batch_size=4)
+    with pytest.raises(ConfigError, match="zoom"):
+        clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, class_names=["a", "b", "c"],
+                             augment=clf.Augment(zoom=0.3), cache_trunk=2)
+    m = clf.create_classifier(3, pretrained=False)
+    with pytest.raises(ConfigError, match="at least one must stay trainable"): clf.trunk_features(m, x, [0.5]*3, [0.5]*3, 7)
+    with pytest.raises(ConfigError, match="expected an int >= 1"): clf.adapt_trunk_batchnorm(m, x, [0.5]*3, [0.5]*3, 0)
+    with pytest.raises(ConfigError, match="EfficientNet-style"): clf.trunk_features(torch.nn.Linear(2, 2), x, [0.5]*3, [0.5]*3, 1)
+    assert clf.trunk_features(m, x, [0.5]*3, [0.5]*3, 2, augment=None).shape == (12, 1, 24, 8, 8)
+
+
+def test_ensemble_file_round_trip(tmp_path):
+    x, _ = _tiny_data(n=10)
+    torch.manual_seed(0)
+    members = [clf.create_classifier(3, pretrained=False).eval() for _ in range(3)]
+    ens = clf.EnsembleClassifier(members)
+    meta = dict(arch=clf.LITE0_ARCH, classes=["a", "b", "c"], image_size=32, mean=[0.5] * 3, std=[0.5] * 3)
+    p = clf.predict_proba(ens, x, meta["mean"], meta["std"], device="cpu")
+    assert torch.allclose(p, sum(clf.predict_proba(m, x, meta["mean"], meta["std"], device="cpu") for m in members)/3, atol=1e-6)
+    m2, meta2 = clf.load_classifier(clf.save_classifier(ens, tmp_path/"e.pt", meta))
+    assert meta2["ensemble"] == 3 and isinstance(m2, clf.EnsembleClassifier)
+    assert torch.allclose(clf.predict_proba(m2, x, meta["mean"], meta["std"], device="cpu"), p, atol=1e-6)
+    single, smeta = clf.load_classifier(clf.save_classifier(members[0], tmp_path/"s.pt", meta2))   # a stale 'ensemble' key is dropped
+    assert "ensemble" not in smeta and not isinstance(single, clf.EnsembleClassifier)
+    with pytest.raises(ConfigError, match="at least one member"): clf.EnsembleClassifier([])
+    torch.save(dict(format=clf.CLASSIFIER_FORMAT, meta=dict(meta, ensemble=0), state_dict={}), tmp_path/"bad.pt")
+    with pytest.raises(CheckpointError, match="member count"): clf.load_classifier(tmp_path/"bad.pt")
