@@ -9,7 +9,10 @@ normalisation, forward, weighted label-smoothed cross-entropy, backward, AdamW. 
     nice -n 19 python benchmarks/bench_classifier.py --device cpu --sizes 64 96 128 224 --batch 32 --iters 4
 
 `--freeze 0 2` also measures the model with its stem and first 2 stages frozen (`classifier.freeze_stages`) and prints
-each training speed as a ratio to the unfrozen model at the same size, from the same run.
+each training speed as a ratio to the unfrozen model at the same size, from the same run. `--cached` adds, for each
+frozen count, training above the frozen trunk on cached features (`train_classifier(cache_trunk=n)`, eq 15.6): the
+step runs only the head on one cached view per image; the cache itself is built once, at the `cache img/s` rate
+(images × 8 views per second), which the table also prints.
 """
 from __future__ import annotations
 import argparse, json, statistics, time
@@ -20,7 +23,7 @@ NUM_CLASSES = 7
 WARMUP_ITERS = 1
 
 
-def measure(size: int, device: str, batch: int, iters: int, threads: int, freeze: int = 0) -> dict:
+def measure(size: int, device: str, batch: int, iters: int, threads: int, freeze: int = 0, cached: bool = False) -> dict:
     "Median seconds per training step and per inference batch at `size` px, and peak memory."
     import torch
     from skindiff import classifier as clf
@@ -32,6 +35,13 @@ def measure(size: int, device: str, batch: int, iters: int, threads: int, freeze
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     y = torch.arange(batch, device=device) % NUM_CLASSES
     loss_fn = clf.classifier_loss_fn(mean, std, torch.ones(NUM_CLASSES), 0.1, clf.Augment())
+    data, cache_s = (x, y), None
+    if cached:
+        clf.adapt_trunk_batchnorm(model, x, mean, std, freeze, device=device)
+        t0 = time.perf_counter()
+        feats = clf.trunk_features(model, x, mean, std, freeze, clf.Augment(), device=device)
+        cache_s = time.perf_counter() - t0
+        data, loss_fn = (feats.to(device), y), clf.cached_trunk_loss_fn(freeze, torch.ones(NUM_CLASSES), 0.1)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ema = EMA(model, 0.999)
     cuda = device.startswith("cuda")
@@ -49,13 +59,13 @@ def measure(size: int, device: str, batch: int, iters: int, threads: int, freeze
         model.train()
         g = torch.Generator(device=device).manual_seed(0)
         with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
-            loss = loss_fn(model, (x, y), g)
+            loss = loss_fn(model, data, g)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); ema.update(model, 100)
 
     train_s = timed(train_step)
     infer_s = timed(lambda: clf.predict_proba(model, x, mean, std, batch_size=batch, device=device))
     peak, peak_kind = peak_mib(cuda)
-    return dict(size=size, freeze=freeze, batch=batch, device=device, threads=threads, train_step_s=train_s, train_images_per_s=batch / train_s,
+    return dict(size=size, freeze=freeze, cached=cached, cache_images_per_s=None if cache_s is None else batch*clf.DIHEDRAL_VIEWS/cache_s, batch=batch, device=device, threads=threads, train_step_s=train_s, train_images_per_s=batch / train_s,
                 infer_batch_s=infer_s, infer_images_per_s=batch / infer_s, peak_mib=peak,
                 peak_kind=peak_kind)
 
@@ -68,22 +78,28 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=4, help="timed iterations after warm-up (median is reported)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--freeze", type=int, nargs="+", default=[0], help="frozen early stages to measure (0 = none)")
+    ap.add_argument("--cached", action="store_true", help="also measure training on cached trunk features for each freeze > 0")
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--_one", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--_cached", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._one is not None:
-        print(json.dumps(measure(a._one, a.device, a.batch, a.iters, a.threads, a.freeze[0]))); return
+        print(json.dumps(measure(a._one, a.device, a.batch, a.iters, a.threads, a.freeze[0], a._cached))); return
     rows = []
     for s in a.sizes:
         for f in a.freeze:
-            rows.append(run_worker(__file__, ["--_one", str(s), "--device", a.device, "--batch", str(a.batch), "--iters", str(a.iters),
-                                              "--threads", str(a.threads), "--freeze", str(f)], f"size {s}, freeze {f}"))
+            for c in (False, True) if a.cached and f > 0 else (False,):
+                rows.append(run_worker(__file__, ["--_one", str(s), "--device", a.device, "--batch", str(a.batch), "--iters", str(a.iters),
+                                                  "--threads", str(a.threads), "--freeze", str(f)] + (["--_cached"] if c else []),
+                                       f"size {s}, freeze {f}{', cached' if c else ''}"))
     print(f"tf_efficientnet_lite0, {NUM_CLASSES} classes, batch {a.batch}, device {a.device}, {a.threads} threads")
-    print(f"{'px':>5} {'freeze':>6} {'train img/s':>12} {'× unfrozen':>10} {'infer img/s':>12} {'peak MiB':>10}")
+    print(f"{'px':>5} {'freeze':>6} {'cached':>6} {'train img/s':>12} {'× unfrozen':>10} {'cache img/s':>12} {'infer img/s':>12} {'peak MiB':>10}")
     base = {r["size"]: r["train_images_per_s"] for r in rows if r["freeze"] == 0}
     for r in rows:
         ratio = f"{r['train_images_per_s'] / base[r['size']]:10.2f}" if r["size"] in base else f"{'–':>10}"
-        print(f"{r['size']:5d} {r['freeze']:6d} {r['train_images_per_s']:12.1f} {ratio} {r['infer_images_per_s']:12.1f} {r['peak_mib']:10.0f}")
+        cache = f"{r['cache_images_per_s']:12.1f}" if r.get("cache_images_per_s") else f"{'–':>12}"
+        print(f"{r['size']:5d} {r['freeze']:6d} {'yes' if r.get('cached') else 'no':>6} {r['train_images_per_s']:12.1f} {ratio} {cache} "
+              f"{r['infer_images_per_s']:12.1f} {r['peak_mib']:10.0f}")
     if a.json:
         from skindiff.core import atomic_write_json
         atomic_write_json(a.json, rows)

@@ -9,7 +9,7 @@ Docs: https://skindiff.github.io/skindiff/train.html.md"""
 from __future__ import annotations
 import copy, dataclasses, math, os, random, re, time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -228,19 +228,35 @@ def _check_resumable(ck: dict, path: Path, cfg: TrainConfig, meta: dict) -> None
         raise CheckpointError(f"checkpoint {path} belongs to another model or dataset: {_meta_diff(ck.get('meta', {}), meta)}. "
                               "Use another checkpoint folder.")
 
+def _checked_groups(model: nn.Module, param_groups: Sequence[dict] | None) -> list[dict]:
+    "AdamW parameter groups: all of `model`'s parameters in one group, or `param_groups` after checking they cover each once."
+    if param_groups is None: return [dict(params=list(model.parameters()))]
+    groups = [dict(g, params=list(g["params"])) for g in param_groups]
+    ids = [id(p) for g in groups for p in g["params"]]
+    want = {id(p) for p in model.parameters()}
+    if len(ids) != len(set(ids)) or set(ids) != want:
+        raise ConfigError(f"param_groups: expected every parameter of the model exactly once; got {len(ids)} entries "
+                          f"({len(ids) - len(set(ids))} repeated, {len(want - set(ids))} missing, {len(set(ids) - want)} foreign)")
+    for i, g in enumerate(groups):
+        if not g.get("lr_scale", 1.0) >= 0: raise ConfigError(f"param_groups[{i}]['lr_scale']={g['lr_scale']}: expected >= 0")
+    return groups
+
 def train(model: nn.Module, loss_fn: Callable[[nn.Module, tuple, torch.Generator], torch.Tensor], data,
           cfg: TrainConfig, ckpt_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
-          meta: dict | None = None, progress: bool = True, desc: str = "train", stop_at: int | None = None) -> TrainResult:
+          meta: dict | None = None, progress: bool = True, desc: str = "train", stop_at: int | None = None,
+          param_groups: Sequence[dict] | None = None) -> TrainResult:
     """Train `model` for `cfg.steps` optimizer steps, resuming from the latest checkpoint in `ckpt_dir`.
     `meta` (plain values, e.g. architecture and dataset) is stored in checkpoints and must match on resume.
-    `stop_at` ends this call early at that step, with a checkpoint (for time-sliced jobs); a later call resumes."""
+    `stop_at` ends this call early at that step, with a checkpoint (for time-sliced jobs); a later call resumes.
+    `param_groups` (AdamW groups covering each parameter of `model` once) may carry an `lr_scale`: that group's
+    learning rate is `lr_scale` × the schedule's."""
     dev, meta = get_device(device), dict(meta or {})
     end = cfg.steps if stop_at is None else min(int(stop_at), cfg.steps)
     n = _data_len(data)
     torch.manual_seed(cfg.seed)          # the global RNG only matters for modules like dropout
     model = model.to(dev)
     ema = EMA(model, cfg.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(_checked_groups(model, param_groups), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, losses, resumed_from, last_ckpt = 0, [], None, None
 
     ckpts = list_checkpoints(ckpt_dir)
@@ -274,7 +290,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, tuple, torch.Generator
             bar.close()
             raise NonFiniteLossError(f"{desc}: the loss is {loss_value} at step {step}; stopped before updating the weights. "
                                      + (f"The last good checkpoint {last_ckpt} is kept." if last_ckpt else "No checkpoint was written."))
-        for g in opt.param_groups: g["lr"] = lr_at(step, cfg)
+        for g in opt.param_groups: g["lr"] = lr_at(step, cfg)*g.get("lr_scale", 1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:

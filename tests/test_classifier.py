@@ -480,3 +480,55 @@ def test_ensemble_file_round_trip(tmp_path):
     with pytest.raises(ConfigError, match="at least one member"): clf.EnsembleClassifier([])
     torch.save(dict(format=clf.CLASSIFIER_FORMAT, meta=dict(meta, ensemble=0), state_dict={}), tmp_path/"bad.pt")
     with pytest.raises(CheckpointError, match="member count"): clf.load_classifier(tmp_path/"bad.pt")
+
+
+def test_trunk_cache_is_shared_between_members():
+    x, y = _tiny_data()
+    cfg = TrainConfig(steps=3, batch_size=8, lr=1e-3, ema_decay=0.5, ckpt_every=100, seed=0)
+    kw = dict(class_names=["a", "b", "c"], device="cpu", progress=False, cache_trunk=2)
+    torch.manual_seed(0)
+    a = clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, **kw)
+    assert a.trunk_cache is not None and a.trunk_cache.shape == (len(x), 8, 24, 8, 8)
+    torch.manual_seed(0)
+    b = clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, trunk_cache=a.trunk_cache, **kw)
+    for (k, v), w in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.allclose(v.float(), w.float(), atol=1e-6), k         # the shared cache is the cache it would build
+    with pytest.raises(ConfigError, match=r"expected the trunk features 48×8×24×8×8"):
+        clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, trunk_cache=a.trunk_cache[:, :4], **kw)
+    assert clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, class_names=["a", "b", "c"],
+                                device="cpu", progress=False).trunk_cache is None
+
+
+def test_layer_decay_groups_and_training():
+    m = clf.create_classifier(3, pretrained=False)
+    groups = clf.layer_decay_groups(m, 0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(m.named_parameters())
+    assert scale[id(named["classifier.weight"])] == 1 and scale[id(named["blocks.6.0.conv_pw.weight"])] == 0.5
+    assert scale[id(named["blocks.0.0.conv_dw.weight"])] == 0.5**7 and scale[id(named["conv_stem.weight"])] == 0.5**8
+    for bad in (0, 1.5, True, "x"):
+        with pytest.raises(ConfigError, match="layer_decay"): clf.layer_decay_groups(m, bad)
+    x, y = _tiny_data()
+    cfg = TrainConfig(steps=2, batch_size=8, lr=1e-2, ema_decay=0, seed=0)
+    torch.manual_seed(0)
+    ref = {k: v.clone() for k, v in clf.create_classifier(3, pretrained=False).state_dict().items()}
+    torch.manual_seed(0)
+    fit = clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, class_names=["a", "b", "c"],
+                               device="cpu", progress=False, layer_decay=0.1)
+    assert fit.meta["layer_decay"] == 0.1
+    moved = lambda k: float((fit.train.model.state_dict()[k] - ref[k]).abs().max())
+    assert moved("conv_stem.weight") < 0.1*moved("conv_head.weight")     # the stem's steps are 0.1^8 of the head's
+
+
+def test_train_param_groups_are_checked():
+    m = torch.nn.Linear(2, 2)
+    data = (torch.randn(8, 2),)
+    loss = lambda model, b, g: model(b[0]).pow(2).mean()
+    cfg = TrainConfig(steps=1, batch_size=4)
+    with pytest.raises(ConfigError, match="1 missing"): train(m, loss, data, cfg, progress=False, param_groups=[dict(params=[m.weight])])
+    with pytest.raises(ConfigError, match="1 repeated"):
+        train(m, loss, data, cfg, progress=False, param_groups=[dict(params=[m.weight, m.bias]), dict(params=[m.bias])])
+    with pytest.raises(ConfigError, match="lr_scale"): train(m, loss, data, cfg, progress=False, param_groups=[dict(params=m.parameters(), lr_scale=-1)])
+    bias0 = m.bias.detach().clone()
+    train(m, loss, data, cfg, progress=False, param_groups=[dict(params=[m.weight]), dict(params=[m.bias], lr_scale=0.0)])
+    assert torch.equal(m.bias, bias0)                                      # lr_scale 0: that group never moves
