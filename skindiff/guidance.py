@@ -326,7 +326,9 @@ def domain_feature_extractor(checkpoint: str | os.PathLike | None = None, image_
     if checkpoint is not None and Path(checkpoint).is_file():
         model, meta = load_classifier(checkpoint, device=get_device(device))
         return DomainFeatures(model, tuple(meta["mean"]), tuple(meta["std"]), int(meta["image_size"]),
-                              f"chapter 16 skin classifier ({meta['arch']}, {meta['image_size']} px, {checkpoint})", device=device)
+                              f"chapter 16 skin classifier ({meta['arch']}, {meta['image_size']} px"
+                              + (f", ensemble of {meta['ensemble']}: features concatenated" if meta.get("ensemble") else "")
+                              + f", {checkpoint})", device=device)
     mean, std = normalisation(LITE0_ARCH)
     model = create_classifier(NUM_CLASSES, LITE0_ARCH, pretrained=True).eval()
     return DomainFeatures(model, mean, std, int(image_size),

@@ -118,7 +118,8 @@ CHAPTERS: list[Chapter] = [
 # lesion-grouped test (accuracy / balanced accuracy, 8-view TTA; training seconds on 2 idle cores): 112 px single model,
 # 1250 steps (792 s) 0.819 / 0.731, 2000 steps (1084 s) 0.808 / 0.744; 128 px freeze=2 uncached, 2200 steps (1149 s)
 # 0.826 / 0.692; this recipe with the cache built per member (1710 s) 0.825 / 0.733, members 0.813 / 0.727 and
-# 0.822 / 0.726; with layer decay 0.8 (1355 s) 0.795 / 0.715. The DermaMNIST model (64 px input) adds about 150 s.
+# 0.822 / 0.726; with layer decay 0.8 (1355 s) 0.795 / 0.715; this profile (one shared cache, 1202 s) 0.816 / 0.738.
+# The DermaMNIST model (64 px input) adds about 150 s.
 SKIN_CLASSIFIER_CPU = dict(image_size=128, max_images=None, train_steps=1600, batch_size=64, lr=1e-3, ema_decay=0.995,
                            eval_every=200, n_boot=1000, freeze=2, cache_trunk=True, n_models=2, dm_input_size=64,
                            dm_max_images=None, dm_train_steps=900, dm_batch_size=64, dm_lr=1e-3, dm_eval_every=150,
