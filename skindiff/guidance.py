@@ -26,7 +26,7 @@ from .train import TrainResult, list_checkpoints, load_weights, CheckpointError
 from .mnist_ddpm import DDPMRecipe, train_ddpm
 from .samplers import EpsFn, SampleResult, eps_fn_from_model, ddim_sample, check_num_steps
 from .skin import SKIN_CLASSES, CLINICAL_NAMES, skin_tensors
-from .classifier import (LITE0_ARCH, DIHEDRAL_VIEWS, dihedral_view, create_classifier, normalisation,
+from .classifier import (LITE0_ARCH, DIHEDRAL_VIEWS, EnsembleClassifier, dihedral_view, create_classifier, normalisation,
                                  load_classifier, extract_features as classifier_features)
 from .metrics import (fid_from_features, kid_from_features, precision_recall, warn_if_biased,
                               KID_SUBSET_SIZE, PR_NEIGHBOURS, MIN_IMAGES)
@@ -321,13 +321,14 @@ class DomainFeatures:
 
 def domain_feature_extractor(checkpoint: str | os.PathLike | None = None, image_size: int = DOMAIN_SIZE,
                              device: str | None = None) -> DomainFeatures:
-    """Chapter 16's trained skin classifier when `checkpoint` names an existing file (its own input size), else the
-    ImageNet-pretrained EfficientNet-Lite0 (offline weights) at `image_size`."""
+    """Chapter 16's trained skin classifier when `checkpoint` names an existing file (its own input size; of an
+    ensemble, its first member), else the ImageNet-pretrained EfficientNet-Lite0 (offline weights) at `image_size`."""
     if checkpoint is not None and Path(checkpoint).is_file():
         model, meta = load_classifier(checkpoint, device=get_device(device))
+        if isinstance(model, EnsembleClassifier): model = model.members[0]   # keep D = 1280: FID's matrix square roots cost D³
         return DomainFeatures(model, tuple(meta["mean"]), tuple(meta["std"]), int(meta["image_size"]),
                               f"chapter 16 skin classifier ({meta['arch']}, {meta['image_size']} px"
-                              + (f", ensemble of {meta['ensemble']}: features concatenated" if meta.get("ensemble") else "")
+                              + (f", member 0 of an ensemble of {meta['ensemble']}" if meta.get("ensemble") else "")
                               + f", {checkpoint})", device=device)
     mean, std = normalisation(LITE0_ARCH)
     model = create_classifier(NUM_CLASSES, LITE0_ARCH, pretrained=True).eval()
