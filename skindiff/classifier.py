@@ -349,19 +349,19 @@ def _trunk_batchnorms(model: nn.Module, n: int) -> list[nn.modules.batchnorm._Ba
 def adapt_trunk_batchnorm(model: nn.Module, images, mean: Sequence[float], std: Sequence[float], n: int,
                           batch_size: int = 128, device: str | torch.device | None = None) -> nn.Module:
     """AdaBN: replace the running mean/variance of the BatchNorm layers in the stem and the first `n` stages by their
-    average over uint8 `images` N×3×H×W (one view each), in order, so the result does not depend on the batch size's
-    remainder beyond float rounding. The layers above are not touched. Returns `model` (evaluation mode)."""
+    average over the batches of uint8 `images` N×3×H×W (one view each). The layers above are not touched. Returns
+    `model` in evaluation mode."""
     _check_trunk(model, n)
     x, dev = _as_uint8_images(images), get_device(device)
     model = model.to(dev).eval()
     bns = _trunk_batchnorms(model, n)
-    saved = [(bn.momentum, bn.training) for bn in bns]
+    momenta = [bn.momentum for bn in bns]
     for bn in bns: bn.reset_running_stats(); bn.momentum = None; bn.train()      # momentum None: cumulative average
     try:
         for i in range(0, len(x), batch_size):
             trunk_forward(model, normalise(x[i:i + batch_size].to(dev), mean, std).contiguous(memory_format=torch.channels_last), n)
     finally:
-        for bn, (mom, _) in zip(bns, saved): bn.momentum = mom
+        for bn, mom in zip(bns, momenta): bn.momentum = mom
     return model.eval()
 
 @torch.no_grad()
@@ -370,7 +370,8 @@ def trunk_features(model: nn.Module, images, mean: Sequence[float], std: Sequenc
                    dtype: torch.dtype = torch.float16, progress: bool = False) -> Tensor:
     """The cache of eq 15.6: trunk outputs N×V×C×h×w (`dtype`, CPU) of uint8 `images` N×3×H×W, one per dihedral view
     (V = 8; V = 1 when `augment` is None or has `dihedral=False`), each with its own colour jitter drawn from `seed`.
-    The trunk runs in evaluation mode. Zoom cannot be cached (it is drawn per step), so `augment.zoom` must be 0."""
+    The trunk runs in evaluation mode. The jitter is drawn batch by batch, so the same seed and batch size give the same
+    cache. Zoom cannot be cached (it is drawn per step), so `augment.zoom` must be 0."""
     from tqdm.auto import tqdm
     _check_trunk(model, n)
     if augment is not None and augment.zoom: raise ConfigError(f"trunk_features: augment.zoom={augment.zoom}; a random zoom cannot be cached")

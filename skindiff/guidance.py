@@ -310,7 +310,7 @@ class DomainFeatures:
     std: tuple[float, ...]
     image_size: int
     description: str
-    batch_size: int = 128
+    batch_size: int | None = None          # None: the classifier module's default for the device
     device: str | None = None
 
     def __call__(self, images: Tensor) -> Tensor:
