@@ -8,7 +8,7 @@ Docs: https://skindiff.github.io/skindiff/classifier.html.md"""
 
 # %% ../nbs/15_classifier.ipynb #d0a08bb5
 from __future__ import annotations
-import dataclasses, importlib.util, json, math, os, re, tempfile, warnings
+import dataclasses, importlib.util, json, math, os, re, tempfile, time, warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -651,6 +651,7 @@ class ClassifierTrainResult:
     meta: dict
     train: TrainResult
     trunk_cache: Tensor | None = None     # with cache_trunk: the cached trunk features (pass to another member's training)
+    seconds: float | None = None          # wall seconds of training over every session of this run (None: not recorded)
 
 def _split(data, name: str) -> tuple[Tensor, Tensor]:
     if not isinstance(data, (tuple, list)) or len(data) != 2: raise ConfigError(f"{name}: expected a pair (images uint8 N×3×H×W, labels N)")
@@ -671,7 +672,8 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
     BatchNorm statistics on the training images and trains the rest on cached trunk features (eq 15.6); `trunk_cache`
     reuses the cache of an earlier run on the same images with the same `cache_trunk` and `augment` (the result's
     `trunk_cache`), so the members of an ensemble share one. `layer_decay` < 1 scales each stage's learning rate
-    (`layer_decay_groups`)."""
+    (`layer_decay_groups`). The result's `seconds` is the training wall time summed over every session of the run (kept
+    in selection.json), so a resumed run reports its whole cost; a finished run is loaded without rebuilding the cache."""
     x, y = _split(train_data, "train_data")
     C = len(class_names)
     if len(set(class_names)) != C: raise ConfigError(f"class_names: {list(class_names)} has duplicates")
@@ -686,51 +688,59 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
     if cache_trunk:
         if augment is not None and augment.zoom: raise ConfigError(f"cache_trunk={cache_trunk} with augment.zoom={augment.zoom}: a random zoom cannot be cached")
         meta["cache_trunk"] = int(cache_trunk)
-        adapt_trunk_batchnorm(freeze_stages(model, cache_trunk), x, mean, std, cache_trunk, device=device)
-        if trunk_cache is None:
-            trunk_cache = trunk_features(model, x, mean, std, cache_trunk, augment, seed=cfg.seed, device=device, progress=progress)
-        else:
-            views = DIHEDRAL_VIEWS if augment is not None and augment.dihedral else 1
-            with torch.no_grad(): one = trunk_forward(model.eval(), torch.zeros(1, *x.shape[1:], device=next(model.parameters()).device), cache_trunk)
-            want = (len(x), views, *one.shape[1:])
-            if not isinstance(trunk_cache, Tensor) or tuple(trunk_cache.shape) != want:
-                raise ConfigError(f"trunk_cache: expected the trunk features {'×'.join(map(str, want))} of these training images "
-                                  f"(trunk_features with n={cache_trunk}), got "
-                                  f"{tuple(trunk_cache.shape) if isinstance(trunk_cache, Tensor) else type(trunk_cache).__name__}")
-        data = (trunk_cache, y)
-        loss_fn = cached_trunk_loss_fn(cache_trunk, weight, label_smoothing)
-    else: data, loss_fn = (x, y), classifier_loss_fn(mean, std, weight, label_smoothing, augment)
     if val_data is not None: xv, yv = _split(val_data, "val_data")
     every = cfg.steps if val_data is None or not eval_every else int(eval_every)
     if every <= 0: raise ConfigError(f"eval_every={eval_every}: expected a positive number of steps")
+    t_call = time.time()
     tmp = tempfile.TemporaryDirectory(prefix="skindiff-clf-") if ckpt_dir is None else None
     folder = Path(tmp.name if tmp else ckpt_dir)
     try:
         sel_path, best_path = folder/"selection.json", folder/"best.pt"
-        history = json.loads(sel_path.read_text())["history"] if sel_path.is_file() and list_checkpoints(folder) else []
-        done = {h["step"] for h in history}
         ckpts = list_checkpoints(folder)
+        sel = json.loads(sel_path.read_text()) if sel_path.is_file() and ckpts else {}
+        history, spent = sel.get("history", []), sel.get("seconds", 0.0 if not ckpts else None)   # None: an older run did not record it
+        done = {h["step"] for h in history}
         start = int(load_checkpoint(ckpts[-1])["step"]) if ckpts else 0
+        finished = start >= cfg.steps and (val_data is None or cfg.steps in done)
+        if cache_trunk and finished: data = (x, y)     # nothing left to train: no cache; the trunk's statistics are in the checkpoint
+        elif cache_trunk:
+            adapt_trunk_batchnorm(freeze_stages(model, cache_trunk), x, mean, std, cache_trunk, device=device)
+            if trunk_cache is None:
+                trunk_cache = trunk_features(model, x, mean, std, cache_trunk, augment, seed=cfg.seed, device=device, progress=progress)
+            else:
+                views = DIHEDRAL_VIEWS if augment is not None and augment.dihedral else 1
+                with torch.no_grad(): one = trunk_forward(model.eval(), torch.zeros(1, *x.shape[1:], device=next(model.parameters()).device), cache_trunk)
+                want = (len(x), views, *one.shape[1:])
+                if not isinstance(trunk_cache, Tensor) or tuple(trunk_cache.shape) != want:
+                    raise ConfigError(f"trunk_cache: expected the trunk features {'×'.join(map(str, want))} of these training images "
+                                      f"(trunk_features with n={cache_trunk}), got "
+                                      f"{tuple(trunk_cache.shape) if isinstance(trunk_cache, Tensor) else type(trunk_cache).__name__}")
+            data = (trunk_cache, y)
+        else: data = (x, y)
+        loss_fn = (cached_trunk_loss_fn(cache_trunk, weight, label_smoothing) if cache_trunk
+                   else classifier_loss_fn(mean, std, weight, label_smoothing, augment))
         best = max(history, key=lambda h: h["balanced_accuracy"]) if history else None
         best_state = torch.load(best_path, map_location="cpu", weights_only=True) if best and best_path.is_file() else None
+        seconds = lambda: None if spent is None else round(spent + time.time() - t_call, 1)
         res = None
         for stop in [*range(every, cfg.steps, every), cfg.steps]:
             if stop < start: continue
             res = train(model, loss_fn, data, cfg, ckpt_dir=folder, device=device, meta=meta, progress=progress,
                         desc="classifier", stop_at=stop, param_groups=groups)
-            if val_data is None or res.step in done: continue
-            pv = predict_proba(res.ema, xv, mean, std, tta=tta, device=device)
-            h = dict(step=res.step, **{k: v for k, v in _headline(yv.numpy(), pv.numpy().astype(np.float64), class_names, None,
-                                                                    TARGET_SPECIFICITY, ECE_BINS).items() if "/" not in k})
-            history.append(h); done.add(res.step)
-            if best is None or h["balanced_accuracy"] > best["balanced_accuracy"]:
-                best, best_state = h, {k: v.detach().cpu().clone() for k, v in res.ema.state_dict().items()}
-                atomic_torch_save(best_state, best_path)
-            atomic_write_json(sel_path, dict(metric="balanced_accuracy", best_step=best["step"], history=history))
+            if val_data is not None and res.step not in done:
+                pv = predict_proba(res.ema, xv, mean, std, tta=tta, device=device)
+                h = dict(step=res.step, **{k: v for k, v in _headline(yv.numpy(), pv.numpy().astype(np.float64), class_names, None,
+                                                                        TARGET_SPECIFICITY, ECE_BINS).items() if "/" not in k})
+                history.append(h); done.add(res.step)
+                if best is None or h["balanced_accuracy"] > best["balanced_accuracy"]:
+                    best, best_state = h, {k: v.detach().cpu().clone() for k, v in res.ema.state_dict().items()}
+                    atomic_torch_save(best_state, best_path)
+            atomic_write_json(sel_path, dict(metric="balanced_accuracy", best_step=best["step"] if best else None, history=history,
+                                             seconds=seconds()))
         selected = res.ema
         if best_state is not None: selected.load_state_dict(best_state)
         return ClassifierTrainResult(selected.eval(), best["step"] if best else res.step, history, meta, res,
-                                     data[0] if cache_trunk else None)
+                                     data[0] if cache_trunk and not finished else None, seconds())
     finally:
         if tmp: tmp.cleanup()
 

@@ -333,6 +333,9 @@ def test_train_classifier_selects_and_resumes(tmp_path):
         assert torch.equal(v, w), k                                     # bitwise identical to the uninterrupted run
     c = _tiny_fit(tmp_path/"a")                                         # finished run: nothing retrained
     assert c.history == a.history and c.train.resumed_from == 6
+    assert a.seconds > 0 and sel["seconds"] == a.seconds               # training time is kept with the run ...
+    assert c.seconds >= a.seconds                                       # ... and a resumed run adds to it, never restarts it
+    assert b.seconds is None                                            # its first session (plain `train`) recorded no time
 
 
 def test_save_load_evaluate_predict(tmp_path):
@@ -449,6 +452,10 @@ def test_cached_trunk_training_trains_the_head_only_and_resumes(tmp_path):
     assert b.train.resumed_from == 3
     for (k, v), w in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.allclose(v.float(), w.float(), atol=1e-6), k      # the recomputed cache is the same cache
+    _, c = _cached_fit(tmp_path/"a")                                    # finished: loaded without building a cache
+    assert c.trunk_cache is None and c.best_step == a.best_step and c.seconds >= a.seconds
+    for (k, v), w in zip(a.model.state_dict().items(), c.model.state_dict().values()):
+        assert torch.equal(v, w), k
 
 
 def test_cached_trunk_bad_input():

@@ -1,0 +1,90 @@
+"""Quality of one lesion-classifier member under variations of the cached-trunk recipe (chapter 16's `cpu` profile,
+one member), printed as lesion-grouped validation and test accuracy / balanced accuracy / macro AUC with 8-view TTA.
+
+It is the script behind the single-member rows of chapter 16's recipe table. One member is one seed, so a single
+difference of a few points is within the run-to-run noise (about ±0.02 balanced accuracy). The trunk cache
+(`trunk_features`, eq 15.6) is saved under `--cache` and reused by later runs with the same `--freeze`. Variants:
+
+- `--steps N`: the length of the cosine schedule (the profile: 1600);
+- `--crop K`: train on a random K×K crop of the cached feature maps (a random translation of the image, up to
+  stride × (size − K) px) and test on the whole map;
+- `--la TAU --imbalance none`: the logit-adjusted loss (Menon et al., 2021), cross-entropy of logits + τ log π, in
+  place of class weights;
+- `--freeze 3`: cache one stage more (cheaper steps, fewer trained layers).
+
+Not a test: run it by hand, one at a time (it uses both cores for 6–12 minutes), e.g.
+
+    python benchmarks/skin_recipes.py --steps 1600 --crop 28
+"""
+from __future__ import annotations
+import argparse, shutil, tempfile, time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from skindiff.core import cache_dir
+from skindiff.skin import SKIN_CLASSES, skin_split, skin_tensors
+from skindiff import classifier as clf
+from skindiff.train import TrainConfig, train
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=None, help="folder holding ham10000/ (default: the usual search)")
+    ap.add_argument("--size", type=int, default=128); ap.add_argument("--steps", type=int, default=1600)
+    ap.add_argument("--every", type=int, default=400, help="steps between validation scores (model selection)")
+    ap.add_argument("--seed", type=int, default=0); ap.add_argument("--freeze", type=int, default=2)
+    ap.add_argument("--crop", type=int, default=0, help="random crop side of the cached feature maps (0: none)")
+    ap.add_argument("--la", type=float, default=0.0, help="τ of the logit-adjusted loss (0: off)")
+    ap.add_argument("--imbalance", default="sqrt", choices=list(clf.IMBALANCE_POWERS))
+    ap.add_argument("--cache", default=str(cache_dir()/"bench_skin_recipes"), help="folder for the trunk cache")
+    a = ap.parse_args()
+    classes = list(SKIN_CLASSES)
+    table = skin_split(a.data, scheme="lesion", seed=0)
+    data = {s: skin_tensors(table, s, a.size) for s in ("train", "val", "test")}
+    mean, std = clf.normalisation(clf.LITE0_ARCH)
+    (x, y), (xv, yv), (xt, yt) = data["train"], data["val"], data["test"]
+    torch.manual_seed(a.seed)
+    model = clf.freeze_stages(clf.create_classifier(len(classes)), a.freeze).to(memory_format=torch.channels_last)
+    t0 = time.time()
+    clf.adapt_trunk_batchnorm(model, x, mean, std, a.freeze)
+    path = Path(a.cache)/f"trunk_{a.size}px_freeze{a.freeze}.pt"
+    if path.is_file(): h_all = torch.load(path, weights_only=True)
+    else:
+        h_all = clf.trunk_features(model, x, mean, std, a.freeze, clf.Augment(), seed=0)
+        path.parent.mkdir(parents=True, exist_ok=True); torch.save(h_all, path)
+    print(f"trunk cache {tuple(h_all.shape)} ready in {time.time() - t0:.0f} s", flush=True)
+    weight = clf.class_weights(y, len(classes), a.imbalance)
+    log_prior = torch.log(torch.bincount(y, minlength=len(classes)).float()/len(y))
+
+    def loss_fn(model, batch, g):
+        h, yb = batch
+        hk = h[torch.arange(len(h)), torch.randint(0, h.shape[1], (len(h),), generator=g)].float()
+        if a.crop:
+            off = torch.randint(0, hk.shape[-1] - a.crop + 1, (len(h), 2), generator=g)
+            hk = torch.stack([f[:, i:i + a.crop, j:j + a.crop] for f, (i, j) in zip(hk, off.tolist())])
+        logits = clf.head_forward(model, hk.contiguous(memory_format=torch.channels_last), a.freeze).float()
+        return F.cross_entropy(logits + a.la*log_prior, yb, weight=weight, label_smoothing=0.1)
+
+    cfg = TrainConfig(steps=a.steps, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_steps=max(1, round(0.05*a.steps)),
+                      lr_schedule="cosine", ema_decay=0.995, ckpt_every=a.steps, seed=a.seed)
+    hist, best, t1 = [], None, time.time()
+    with tempfile.TemporaryDirectory(prefix="skin-recipes-") as ck:
+        for stop in range(a.every, a.steps + 1, a.every):
+            res = train(model, loss_fn, (h_all, y), cfg, ckpt_dir=ck, progress=False, stop_at=stop)
+            m = clf.classification_metrics(yv.numpy(), clf.predict_proba(res.ema, xv, mean, std).numpy().astype(np.float64), classes)
+            hist.append((stop, round(m["accuracy"], 3), round(m["balanced_accuracy"], 3)))
+            if best is None or m["balanced_accuracy"] > best[0]:
+                best = (m["balanced_accuracy"], stop, {k: v.clone() for k, v in res.ema.state_dict().items()})
+    train_s = time.time() - t1
+    res.ema.load_state_dict(best[2])
+    print(f"validation (1 view) by step: {hist}; selected step {best[1]}; training {train_s:.0f} s", flush=True)
+    for split, (xx, yy) in (("val", (xv, yv)), ("test", (xt, yt))):
+        m = clf.classification_metrics(yy.numpy(), clf.predict_proba(res.ema, xx, mean, std, tta=True).numpy().astype(np.float64), classes)
+        print(f"{split:4s} 8-view TTA: accuracy {m['accuracy']:.3f}  balanced accuracy {m['balanced_accuracy']:.3f}  macro AUC {m['macro_auc']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
