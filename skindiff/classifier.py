@@ -8,7 +8,7 @@ Docs: https://skindiff.github.io/skindiff/classifier.html.md"""
 
 # %% ../nbs/15_classifier.ipynb #d0a08bb5
 from __future__ import annotations
-import dataclasses, importlib.util, json, math, os, re, tempfile, time, warnings
+import copy, dataclasses, importlib.util, json, math, os, re, tempfile, time, warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,12 +30,12 @@ __all__ = ['LITE0_ARCH', 'LITE0_PACKAGE', 'LITE0_FILE', 'LITE0_SHA256', 'LITE0_S
            'convert_lite0_state_dict', 'pretrained_lite0_path', 'normalisation', 'create_classifier', 'freeze_stages',
            'layer_decay_groups', 'infer_batch', 'normalise', 'extract_features', 'linear_probe_accuracy', 'Augment',
            'dihedral_view', 'random_zoom', 'augment_batch', 'class_weights', 'classifier_loss_fn', 'trunk_forward',
-           'head_forward', 'adapt_trunk_batchnorm', 'trunk_features', 'cached_trunk_loss_fn', 'predict_proba',
-           'confusion_matrix', 'roc_curve', 'roc_auc', 'sensitivity_at_specificity', 'reliability_bins',
-           'expected_calibration_error', 'classification_metrics', 'bootstrap_ci', 'plot_confusion_matrix',
-           'plot_roc_curves', 'plot_reliability', 'prediction_columns', 'write_predictions_csv', 'evaluate',
-           'metrics_table', 'ClassifierTrainResult', 'train_classifier', 'EnsembleClassifier', 'save_classifier',
-           'load_classifier', 'evaluate_checkpoint', 'predict']
+           'head_forward', 'adapt_trunk_batchnorm', 'trunk_features', 'random_feature_crop', 'cached_trunk_loss_fn',
+           'predict_proba', 'confusion_matrix', 'roc_curve', 'roc_auc', 'sensitivity_at_specificity',
+           'reliability_bins', 'expected_calibration_error', 'classification_metrics', 'bootstrap_ci',
+           'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability', 'prediction_columns',
+           'write_predictions_csv', 'evaluate', 'metrics_table', 'ClassifierTrainResult', 'train_classifier',
+           'EnsembleClassifier', 'save_classifier', 'load_classifier', 'evaluate_checkpoint', 'predict']
 
 # %% ../nbs/15_classifier.ipynb #aca8e2e5
 LITE0_ARCH = "tf_efficientnet_lite0"
@@ -391,15 +391,27 @@ def trunk_features(model: nn.Module, images, mean: Sequence[float], std: Sequenc
             out[i:i + len(h), k] = h.to("cpu", dtype)
     return out if out is not None else torch.empty(0, views, 0, 0, 0, dtype=dtype)
 
-def cached_trunk_loss_fn(n: int, weight: Tensor | None = None, label_smoothing: float = 0.0) -> Callable:
+def random_feature_crop(h: Tensor, crop: float, generator: torch.Generator) -> Tensor:
+    """A random square crop of side round(crop × w) of each feature map N×C×w×w, at a uniform position per map. Cropping
+    the trunk's output is cropping the image it saw, shifted by multiples of the trunk's stride (up to border effects
+    of the convolutions' padding): a random translation, for free. crop = 1 returns `h`."""
+    if not 0 < crop <= 1: raise ConfigError(f"feature_crop={crop}: expected 0 < crop <= 1 (the side kept; 1: no crop)")
+    w = h.shape[-1]
+    k = max(1, round(crop*w))
+    if k == w: return h
+    off = torch.randint(0, w - k + 1, (len(h), 2), generator=generator, device=generator.device).tolist()
+    return torch.stack([f[:, i:i + k, j:j + k] for f, (i, j) in zip(h, off)])
+
+def cached_trunk_loss_fn(n: int, weight: Tensor | None = None, label_smoothing: float = 0.0, crop: float = 1.0) -> Callable:
     """`loss_fn(model, (trunk features N×V×C×h×w, labels N), generator)` for `skindiff.train.train`: eq 15.2 on the head's
-    output for one random cached view per image (eq 15.6)."""
+    output for one random cached view per image (eq 15.6), optionally on a random crop of side `crop` of its maps."""
     if not 0 <= label_smoothing < 1: raise ConfigError(f"label_smoothing={label_smoothing}: expected 0 <= ε < 1")
+    if not 0 < crop <= 1: raise ConfigError(f"feature_crop={crop}: expected 0 < crop <= 1 (the side kept; 1: no crop)")
     def loss_fn(model: nn.Module, batch: tuple, generator: torch.Generator) -> Tensor:
         h, y = batch[0], batch[1]
         k = torch.randint(0, h.shape[1], (len(h),), generator=generator, device=generator.device).to(h.device)
-        hk = h[torch.arange(len(h), device=h.device), k].float().contiguous(memory_format=torch.channels_last)
-        logits = head_forward(model, hk, n)
+        hk = random_feature_crop(h[torch.arange(len(h), device=h.device), k].float(), crop, generator)
+        logits = head_forward(model, hk.contiguous(memory_format=torch.channels_last), n)
         w = None if weight is None else weight.to(logits.device, torch.float32)
         return F.cross_entropy(logits.float(), y, weight=w, label_smoothing=label_smoothing)
     return loss_fn
@@ -652,6 +664,7 @@ class ClassifierTrainResult:
     train: TrainResult
     trunk_cache: Tensor | None = None     # with cache_trunk: the cached trunk features (pass to another member's training)
     seconds: float | None = None          # wall seconds of training over every session of this run (None: not recorded)
+    last: nn.Module | None = None         # the EMA at the last step (the selected model when it is that step)
 
 def _split(data, name: str) -> tuple[Tensor, Tensor]:
     if not isinstance(data, (tuple, list)) or len(data) != 2: raise ConfigError(f"{name}: expected a pair (images uint8 N×3×H×W, labels N)")
@@ -665,14 +678,15 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
                      augment: Augment | None = Augment(), eval_every: int | None = None, tta: bool = False,
                      ckpt_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
                      meta: dict | None = None, progress: bool = True, cache_trunk: int = 0,
-                     trunk_cache: Tensor | None = None, layer_decay: float = 1.0) -> ClassifierTrainResult:
+                     trunk_cache: Tensor | None = None, layer_decay: float = 1.0, feature_crop: float = 1.0) -> ClassifierTrainResult:
     """Fine-tune `model` on `train_data` = (uint8 images N×3×H×W, labels) with weighted, label-smoothed cross-entropy
     (eqs 15.1–15.2) and augmentation; every `eval_every` steps score the EMA on `val_data` and keep the best
     balanced accuracy. Resumes from `ckpt_dir`. `cache_trunk=n` freezes the stem and `n` stages, re-estimates their
     BatchNorm statistics on the training images and trains the rest on cached trunk features (eq 15.6); `trunk_cache`
     reuses the cache of an earlier run on the same images with the same `cache_trunk` and `augment` (the result's
     `trunk_cache`), so the members of an ensemble share one. `layer_decay` < 1 scales each stage's learning rate
-    (`layer_decay_groups`). The result's `seconds` is the training wall time summed over every session of the run (kept
+    (`layer_decay_groups`). `feature_crop` < 1 (with `cache_trunk`) trains on random crops of that side of the cached
+    maps (`random_feature_crop`). The result's `seconds` is the training wall time summed over every session of the run (kept
     in selection.json), so a resumed run reports its whole cost; a finished run is loaded without rebuilding the cache."""
     x, y = _split(train_data, "train_data")
     C = len(class_names)
@@ -688,6 +702,10 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
     if cache_trunk:
         if augment is not None and augment.zoom: raise ConfigError(f"cache_trunk={cache_trunk} with augment.zoom={augment.zoom}: a random zoom cannot be cached")
         meta["cache_trunk"] = int(cache_trunk)
+    if feature_crop != 1:
+        if not cache_trunk: raise ConfigError(f"feature_crop={feature_crop} crops the cached trunk features: it needs cache_trunk > 0")
+        if not 0 < feature_crop < 1: raise ConfigError(f"feature_crop={feature_crop}: expected 0 < crop <= 1 (the side kept; 1: no crop)")
+        meta["feature_crop"] = float(feature_crop)
     if val_data is not None: xv, yv = _split(val_data, "val_data")
     every = cfg.steps if val_data is None or not eval_every else int(eval_every)
     if every <= 0: raise ConfigError(f"eval_every={eval_every}: expected a positive number of steps")
@@ -717,7 +735,7 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
                                       f"{tuple(trunk_cache.shape) if isinstance(trunk_cache, Tensor) else type(trunk_cache).__name__}")
             data = (trunk_cache, y)
         else: data = (x, y)
-        loss_fn = (cached_trunk_loss_fn(cache_trunk, weight, label_smoothing) if cache_trunk
+        loss_fn = (cached_trunk_loss_fn(cache_trunk, weight, label_smoothing, feature_crop) if cache_trunk
                    else classifier_loss_fn(mean, std, weight, label_smoothing, augment))
         best = max(history, key=lambda h: h["balanced_accuracy"]) if history else None
         best_state = torch.load(best_path, map_location="cpu", weights_only=True) if best and best_path.is_file() else None
@@ -737,10 +755,12 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
                     atomic_torch_save(best_state, best_path)
             atomic_write_json(sel_path, dict(metric="balanced_accuracy", best_step=best["step"] if best else None, history=history,
                                              seconds=seconds()))
-        selected = res.ema
-        if best_state is not None: selected.load_state_dict(best_state)
+        selected, last = res.ema, None
+        if best_state is not None and best["step"] != res.step:
+            last = copy.deepcopy(res.ema).eval()            # the final EMA, before the selected weights replace it
+            selected.load_state_dict(best_state)
         return ClassifierTrainResult(selected.eval(), best["step"] if best else res.step, history, meta, res,
-                                     data[0] if cache_trunk and not finished else None, seconds())
+                                     data[0] if cache_trunk and not finished else None, seconds(), last if last is not None else selected)
     finally:
         if tmp: tmp.cleanup()
 

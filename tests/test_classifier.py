@@ -452,6 +452,9 @@ def test_cached_trunk_training_trains_the_head_only_and_resumes(tmp_path):
     assert b.train.resumed_from == 3
     for (k, v), w in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.allclose(v.float(), w.float(), atol=1e-6), k      # the recomputed cache is the same cache
+    assert a.last is not None and (a.last is a.model) == (a.best_step == 6)
+    if a.last is not a.model:                                           # the last EMA is kept beside the selected one
+        assert not torch.equal(a.last.state_dict()["classifier.weight"], a.model.state_dict()["classifier.weight"])
     _, c = _cached_fit(tmp_path/"a")                                    # finished: loaded without building a cache
     assert c.trunk_cache is None and c.best_step == a.best_step and c.seconds >= a.seconds
     for (k, v), w in zip(a.model.state_dict().items(), c.model.state_dict().values()):
@@ -539,3 +542,24 @@ def test_train_param_groups_are_checked():
     bias0 = m.bias.detach().clone()
     train(m, loss, data, cfg, progress=False, param_groups=[dict(params=[m.weight]), dict(params=[m.bias], lr_scale=0.0)])
     assert torch.equal(m.bias, bias0)                                      # lr_scale 0: that group never moves
+
+
+def test_feature_crop():
+    g = torch.Generator().manual_seed(0)
+    h = torch.arange(2*3*8*8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    c = clf.random_feature_crop(h, 0.75, g)
+    assert c.shape == (2, 3, 6, 6)
+    for f, cf in zip(h, c):                                             # each crop is a window of its own map
+        i, j = int((cf[0, 0, 0] - f[0, 0, 0])//8), int((cf[0, 0, 0] - f[0, 0, 0]) % 8)
+        assert torch.equal(cf, f[:, i:i + 6, j:j + 6])
+    assert clf.random_feature_crop(h, 1.0, g) is h
+    x, y = _tiny_data()
+    cfg = TrainConfig(steps=2, batch_size=8, seed=0)
+    kw = dict(class_names=["a", "b", "c"], device="cpu", progress=False)
+    r = clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, cache_trunk=2, feature_crop=0.75, **kw)
+    assert r.meta["feature_crop"] == 0.75 and np.isfinite(r.train.losses).all()
+    with pytest.raises(ConfigError, match="needs cache_trunk"):
+        clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, feature_crop=0.75, **kw)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match=r"feature_crop=.*expected 0 < crop <= 1"):
+            clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, cache_trunk=2, feature_crop=bad, **kw)
