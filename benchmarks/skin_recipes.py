@@ -17,7 +17,7 @@ Not a test: run it by hand, one at a time (it uses both cores for 6–12 minutes
     python benchmarks/skin_recipes.py --steps 1600 --crop 28
 """
 from __future__ import annotations
-import argparse, shutil, tempfile, time
+import argparse, tempfile, time
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +62,7 @@ def main() -> None:
     def loss_fn(model, batch, g):
         h, yb = batch
         hk = h[torch.arange(len(h)), torch.randint(0, h.shape[1], (len(h),), generator=g)].float()
-        if a.crop:
-            off = torch.randint(0, hk.shape[-1] - a.crop + 1, (len(h), 2), generator=g)
-            hk = torch.stack([f[:, i:i + a.crop, j:j + a.crop] for f, (i, j) in zip(hk, off.tolist())])
+        if a.crop: hk = clf.random_feature_crop(hk, a.crop/hk.shape[-1], g)
         logits = clf.head_forward(model, hk.contiguous(memory_format=torch.channels_last), a.freeze).float()
         return F.cross_entropy(logits + a.la*log_prior, yb, weight=weight, label_smoothing=0.1)
 

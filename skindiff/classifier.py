@@ -391,11 +391,15 @@ def trunk_features(model: nn.Module, images, mean: Sequence[float], std: Sequenc
             out[i:i + len(h), k] = h.to("cpu", dtype)
     return out if out is not None else torch.empty(0, views, 0, 0, 0, dtype=dtype)
 
+def _check_feature_crop(crop: float) -> None:
+    if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1:
+        raise ConfigError(f"feature_crop={crop!r}: expected 0 < crop <= 1 (the side kept; 1: no crop)")
+
 def random_feature_crop(h: Tensor, crop: float, generator: torch.Generator) -> Tensor:
     """A random square crop of side round(crop × w) of each feature map N×C×w×w, at a uniform position per map. Cropping
     the trunk's output is cropping the image it saw, shifted by multiples of the trunk's stride (up to border effects
     of the convolutions' padding): a random translation, for free. crop = 1 returns `h`."""
-    if not 0 < crop <= 1: raise ConfigError(f"feature_crop={crop}: expected 0 < crop <= 1 (the side kept; 1: no crop)")
+    _check_feature_crop(crop)
     w = h.shape[-1]
     k = max(1, round(crop*w))
     if k == w: return h
@@ -406,7 +410,7 @@ def cached_trunk_loss_fn(n: int, weight: Tensor | None = None, label_smoothing: 
     """`loss_fn(model, (trunk features N×V×C×h×w, labels N), generator)` for `skindiff.train.train`: eq 15.2 on the head's
     output for one random cached view per image (eq 15.6), optionally on a random crop of side `crop` of its maps."""
     if not 0 <= label_smoothing < 1: raise ConfigError(f"label_smoothing={label_smoothing}: expected 0 <= ε < 1")
-    if not 0 < crop <= 1: raise ConfigError(f"feature_crop={crop}: expected 0 < crop <= 1 (the side kept; 1: no crop)")
+    _check_feature_crop(crop)
     def loss_fn(model: nn.Module, batch: tuple, generator: torch.Generator) -> Tensor:
         h, y = batch[0], batch[1]
         k = torch.randint(0, h.shape[1], (len(h),), generator=generator, device=generator.device).to(h.device)
@@ -702,9 +706,9 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
     if cache_trunk:
         if augment is not None and augment.zoom: raise ConfigError(f"cache_trunk={cache_trunk} with augment.zoom={augment.zoom}: a random zoom cannot be cached")
         meta["cache_trunk"] = int(cache_trunk)
+    _check_feature_crop(feature_crop)
     if feature_crop != 1:
         if not cache_trunk: raise ConfigError(f"feature_crop={feature_crop} crops the cached trunk features: it needs cache_trunk > 0")
-        if not 0 < feature_crop < 1: raise ConfigError(f"feature_crop={feature_crop}: expected 0 < crop <= 1 (the side kept; 1: no crop)")
         meta["feature_crop"] = float(feature_crop)
     if val_data is not None: xv, yv = _split(val_data, "val_data")
     every = cfg.steps if val_data is None or not eval_every else int(eval_every)
@@ -739,8 +743,7 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
                    else classifier_loss_fn(mean, std, weight, label_smoothing, augment))
         best = max(history, key=lambda h: h["balanced_accuracy"]) if history else None
         best_state = torch.load(best_path, map_location="cpu", weights_only=True) if best and best_path.is_file() else None
-        seconds = lambda: None if spent is None else round(spent + time.time() - t_call, 1)
-        res = None
+        res, seconds = None, spent
         for stop in [*range(every, cfg.steps, every), cfg.steps]:
             if stop < start: continue
             res = train(model, loss_fn, data, cfg, ckpt_dir=folder, device=device, meta=meta, progress=progress,
@@ -753,14 +756,15 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
                 if best is None or h["balanced_accuracy"] > best["balanced_accuracy"]:
                     best, best_state = h, {k: v.detach().cpu().clone() for k, v in res.ema.state_dict().items()}
                     atomic_torch_save(best_state, best_path)
+            seconds = None if spent is None else round(spent + time.time() - t_call, 1)     # what is kept is what is returned
             atomic_write_json(sel_path, dict(metric="balanced_accuracy", best_step=best["step"] if best else None, history=history,
-                                             seconds=seconds()))
+                                             seconds=seconds))
         selected, last = res.ema, None
         if best_state is not None and best["step"] != res.step:
             last = copy.deepcopy(res.ema).eval()            # the final EMA, before the selected weights replace it
             selected.load_state_dict(best_state)
         return ClassifierTrainResult(selected.eval(), best["step"] if best else res.step, history, meta, res,
-                                     data[0] if cache_trunk and not finished else None, seconds(), last if last is not None else selected)
+                                     data[0] if cache_trunk and not finished else None, seconds, last if last is not None else selected)
     finally:
         if tmp: tmp.cleanup()
 
