@@ -1,5 +1,5 @@
 """Training and inference throughput (images/s) and peak memory of the skin classifier (timm tf_efficientnet_lite0,
-7-class head) at several resolutions.
+7-class head; `--archs` adds Lite1 / Lite2) at several resolutions.
 
 Training = one step of `skindiff.train`'s work for a classifier: augmentation (dihedral view + colour jitter),
 normalisation, forward, weighted label-smoothed cross-entropy, backward, AdamW. Inference = `predict_proba`
@@ -12,7 +12,8 @@ normalisation, forward, weighted label-smoothed cross-entropy, backward, AdamW. 
 each training speed as a ratio to the unfrozen model at the same size, from the same run. `--cached` adds, for each
 frozen count, training above the frozen trunk on cached features (`train_classifier(cache_trunk=n)`, eq 15.6): the
 step runs only the head on one cached view per image; the cache itself is built once, at the `cache img/s` rate
-(images × 8 views per second), which the table also prints.
+(images × 8 views per second), which the table also prints. `--archs tf_efficientnet_lite0 tf_efficientnet_lite2`
+measures both networks in one run and prints each row's training speed also as a ratio to the first arch's.
 """
 from __future__ import annotations
 import argparse, json, statistics, time
@@ -23,15 +24,16 @@ NUM_CLASSES = 7
 WARMUP_ITERS = 1
 
 
-def measure(size: int, device: str, batch: int, iters: int, threads: int, freeze: int = 0, cached: bool = False) -> dict:
+def measure(size: int, device: str, batch: int, iters: int, threads: int, freeze: int = 0, cached: bool = False,
+            arch: str = "tf_efficientnet_lite0") -> dict:
     "Median seconds per training step and per inference batch at `size` px, and peak memory."
     import torch
     from skindiff import classifier as clf
     from skindiff.train import EMA
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = clf.freeze_stages(clf.create_classifier(NUM_CLASSES), freeze).to(device).to(memory_format=torch.channels_last)
-    mean, std = clf.normalisation(clf.LITE0_ARCH)
+    model = clf.freeze_stages(clf.create_classifier(NUM_CLASSES, arch), freeze).to(device).to(memory_format=torch.channels_last)
+    mean, std = clf.normalisation(arch)
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     y = torch.arange(batch, device=device) % NUM_CLASSES
     loss_fn = clf.classifier_loss_fn(mean, std, torch.ones(NUM_CLASSES), 0.1, clf.Augment())
@@ -65,7 +67,7 @@ def measure(size: int, device: str, batch: int, iters: int, threads: int, freeze
     train_s = timed(train_step)
     infer_s = timed(lambda: clf.predict_proba(model, x, mean, std, batch_size=batch, device=device))
     peak, peak_kind = peak_mib(cuda)
-    return dict(size=size, freeze=freeze, cached=cached, cache_images_per_s=None if cache_s is None else batch*clf.DIHEDRAL_VIEWS/cache_s, batch=batch, device=device, threads=threads, train_step_s=train_s, train_images_per_s=batch / train_s,
+    return dict(arch=arch, size=size, freeze=freeze, cached=cached, cache_images_per_s=None if cache_s is None else batch*clf.DIHEDRAL_VIEWS/cache_s, batch=batch, device=device, threads=threads, train_step_s=train_s, train_images_per_s=batch / train_s,
                 infer_batch_s=infer_s, infer_images_per_s=batch / infer_s, peak_mib=peak,
                 peak_kind=peak_kind)
 
@@ -78,28 +80,38 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=4, help="timed iterations after warm-up (median is reported)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--freeze", type=int, nargs="+", default=[0], help="frozen early stages to measure (0 = none)")
+    ap.add_argument("--archs", nargs="+", default=["tf_efficientnet_lite0"], help="EfficientNet-Lites with offline weights")
     ap.add_argument("--cached", action="store_true", help="also measure training on cached trunk features for each freeze > 0")
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--_one", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_cached", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._one is not None:
-        print(json.dumps(measure(a._one, a.device, a.batch, a.iters, a.threads, a.freeze[0], a._cached))); return
+        print(json.dumps(measure(a._one, a.device, a.batch, a.iters, a.threads, a.freeze[0], a._cached, a.archs[0]))); return
+    from skindiff.classifier import LITE_WEIGHTS
+    bad = [x for x in a.archs if x not in LITE_WEIGHTS]
+    if bad: ap.error(f"--archs {bad}: expected names from {sorted(LITE_WEIGHTS)}")
     rows = []
-    for s in a.sizes:
-        for f in a.freeze:
-            for c in (False, True) if a.cached and f > 0 else (False,):
-                rows.append(run_worker(__file__, ["--_one", str(s), "--device", a.device, "--batch", str(a.batch), "--iters", str(a.iters),
-                                                  "--threads", str(a.threads), "--freeze", str(f)] + (["--_cached"] if c else []),
-                                       f"size {s}, freeze {f}{', cached' if c else ''}"))
-    print(f"tf_efficientnet_lite0, {NUM_CLASSES} classes, batch {a.batch}, device {a.device}, {a.threads} threads")
-    print(f"{'px':>5} {'freeze':>6} {'cached':>6} {'train img/s':>12} {'× unfrozen':>10} {'cache img/s':>12} {'infer img/s':>12} {'peak MiB':>10}")
-    base = {r["size"]: r["train_images_per_s"] for r in rows if r["freeze"] == 0}
+    for arch in a.archs:
+        for s in a.sizes:
+            for f in a.freeze:
+                for c in (False, True) if a.cached and f > 0 else (False,):
+                    rows.append(run_worker(__file__, ["--_one", str(s), "--device", a.device, "--batch", str(a.batch), "--iters", str(a.iters),
+                                                      "--threads", str(a.threads), "--freeze", str(f), "--archs", arch] + (["--_cached"] if c else []),
+                                           f"{arch}, size {s}, freeze {f}{', cached' if c else ''}"))
+    print(f"{NUM_CLASSES} classes, batch {a.batch}, device {a.device}, {a.threads} threads")
+    print(f"{'arch':>22} {'px':>5} {'freeze':>6} {'cached':>6} {'train img/s':>12} {'× unfrozen':>10} {'× ' + a.archs[0][-5:]:>10} "
+          f"{'cache img/s':>12} {'infer img/s':>12} {'peak MiB':>10}")
+    key = lambda r: (r["size"], r["freeze"], bool(r.get("cached")))
+    base = {(r["arch"], r["size"]): r["train_images_per_s"] for r in rows if r["freeze"] == 0}
+    first = {key(r): r["train_images_per_s"] for r in rows if r["arch"] == a.archs[0]}
     for r in rows:
-        ratio = f"{r['train_images_per_s'] / base[r['size']]:10.2f}" if r["size"] in base else f"{'–':>10}"
+        b = base.get((r["arch"], r["size"]))
+        ratio = f"{r['train_images_per_s'] / b:10.2f}" if b else f"{'–':>10}"
+        vs = f"{r['train_images_per_s'] / first[key(r)]:10.2f}" if key(r) in first else f"{'–':>10}"
         cache = f"{r['cache_images_per_s']:12.1f}" if r.get("cache_images_per_s") else f"{'–':>12}"
-        print(f"{r['size']:5d} {r['freeze']:6d} {'yes' if r.get('cached') else 'no':>6} {r['train_images_per_s']:12.1f} {ratio} {cache} "
-              f"{r['infer_images_per_s']:12.1f} {r['peak_mib']:10.0f}")
+        print(f"{r['arch']:>22} {r['size']:5d} {r['freeze']:6d} {'yes' if r.get('cached') else 'no':>6} {r['train_images_per_s']:12.1f} {ratio} {vs} "
+              f"{cache} {r['infer_images_per_s']:12.1f} {r['peak_mib']:10.0f}")
     if a.json:
         from skindiff.core import atomic_write_json
         atomic_write_json(a.json, rows)

