@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 with ImageNet weights loaded offline, fine-tuned through the shared training loop with
+"""EfficientNet-Lite0 (and Lite1, Lite2) with ImageNet weights loaded offline, fine-tuned through the shared training loop with
 class weights, label smoothing and dermoscopy augmentation, selected on validation balanced accuracy, and
 measured the way the ISIC challenge measures it — with bootstrap confidence intervals.
 
