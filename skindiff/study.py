@@ -124,7 +124,8 @@ CHAPTERS: list[Chapter] = [
 # the cached maps (1253 s) 0.812 / 0.741 / 0.939; one Lite2 member with its last EMA, 1600 steps (754 s + cache)
 # 0.831 / 0.757 / 0.933, another (seed 1, 1300 steps, 585 s) 0.813 / 0.728 / 0.928, the two together 0.827 / 0.752 / 0.936
 # (benchmarks/skin_recipes.py --arch tf_efficientnet_lite2). This profile: 1326 s, 0.831 / 0.761 / 0.940; with
-# --seed 1 (another split) 1402 s, 0.829 / 0.725 / 0.951. The DermaMNIST model (Lite0, 64 px input) adds about 150 s.
+# --seed 1 (another split) 1402 s, 0.829 / 0.725 / 0.951; with --seed 2, 2561 s on a machine that ran
+# bench_classifier.py 1.75x slower, 0.832 / 0.696 / 0.940. The DermaMNIST model (Lite0, 64 px input) adds about 150 s.
 SKIN_CLASSIFIER_CPU = dict(image_size=128, max_images=None, arch="tf_efficientnet_lite2", train_steps=1200, batch_size=64, lr=1e-3,
                            ema_decay=0.995, eval_every=300, n_boot=1000, freeze=2, cache_trunk=True, n_models=2, keep_last=True,
                            feature_crop=1.0, dm_input_size=64, dm_max_images=None, dm_train_steps=900, dm_batch_size=64,
