@@ -11,7 +11,10 @@ difference of a few points is within the run-to-run noise (about ±0.02 balanced
 - `--la TAU --imbalance none`: the logit-adjusted loss (Menon et al., 2021), cross-entropy of logits + τ log π, in
   place of class weights;
 - `--freeze 3`: cache one stage more (cheaper steps, fewer trained layers);
-- `--arch tf_efficientnet_lite2`: another EfficientNet-Lite with offline weights (Lite0, Lite1, Lite2).
+- `--arch tf_efficientnet_lite2`: another EfficientNet-Lite with offline weights (Lite0, Lite1, Lite2);
+- `--drop-path P`: stochastic depth in the trained blocks (timm's `drop_path_rate`, a linear ramp up to P);
+- `--smoothing E`: the label smoothing ε of eq 15.2 (the profile: 0.1);
+- `--split-seed S`: another lesion-grouped split (chapter 16's `--seed`; the default 0 is the profile's).
 
 It prints the selected EMA weights, the last ones, and their mean ("both": one member of chapter 16 with `keep_last`).
 
@@ -40,6 +43,9 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=400, help="steps between validation scores (model selection)")
     ap.add_argument("--arch", default=clf.LITE0_ARCH, choices=list(clf.LITE_WEIGHTS), help="EfficientNet-Lite with offline weights")
     ap.add_argument("--seed", type=int, default=0); ap.add_argument("--freeze", type=int, default=2)
+    ap.add_argument("--split-seed", type=int, default=0, help="seed of the lesion-grouped split")
+    ap.add_argument("--smoothing", type=float, default=0.1, help="label smoothing ε (eq 15.2)")
+    ap.add_argument("--drop-path", type=float, default=0.0, help="stochastic-depth rate (timm drop_path_rate)")
     ap.add_argument("--crop", type=int, default=0, help="random crop side of the cached feature maps (0: none)")
     ap.add_argument("--la", type=float, default=0.0, help="τ of the logit-adjusted loss (0: off)")
     ap.add_argument("--imbalance", default="sqrt", choices=list(clf.IMBALANCE_POWERS))
@@ -47,15 +53,15 @@ def main() -> None:
     ap.add_argument("--save-probs", default=None, help="save the val/test TTA probabilities (torch file) for ensemble analysis")
     a = ap.parse_args()
     classes = list(SKIN_CLASSES)
-    table = skin_split(a.data, scheme="lesion", seed=0)
+    table = skin_split(a.data, scheme="lesion", seed=a.split_seed)
     data = {s: skin_tensors(table, s, a.size) for s in ("train", "val", "test")}
     mean, std = clf.normalisation(a.arch)
     (x, y), (xv, yv), (xt, yt) = data["train"], data["val"], data["test"]
     torch.manual_seed(a.seed)
-    model = clf.freeze_stages(clf.create_classifier(len(classes), a.arch), a.freeze).to(memory_format=torch.channels_last)
+    model = clf.freeze_stages(clf.create_classifier(len(classes), a.arch, drop_path_rate=a.drop_path), a.freeze).to(memory_format=torch.channels_last)
     t0 = time.time()
     clf.adapt_trunk_batchnorm(model, x, mean, std, a.freeze)
-    path = Path(a.cache)/f"trunk_{a.arch}_{a.size}px_freeze{a.freeze}.pt"
+    path = Path(a.cache)/(f"trunk_{a.arch}_{a.size}px_freeze{a.freeze}" + (f"_split{a.split_seed}" if a.split_seed else "") + ".pt")
     if path.is_file(): h_all = torch.load(path, weights_only=True)
     else:
         h_all = clf.trunk_features(model, x, mean, std, a.freeze, clf.Augment(), seed=0)
@@ -69,7 +75,7 @@ def main() -> None:
         hk = h[torch.arange(len(h)), torch.randint(0, h.shape[1], (len(h),), generator=g)].float()
         if a.crop: hk = clf.random_feature_crop(hk, a.crop/hk.shape[-1], g)
         logits = clf.head_forward(model, hk.contiguous(memory_format=torch.channels_last), a.freeze).float()
-        return F.cross_entropy(logits + a.la*log_prior, yb, weight=weight, label_smoothing=0.1)
+        return F.cross_entropy(logits + a.la*log_prior, yb, weight=weight, label_smoothing=a.smoothing)
 
     cfg = TrainConfig(steps=a.steps, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_steps=max(1, round(0.05*a.steps)),
                       lr_schedule="cosine", ema_decay=0.995, ckpt_every=a.steps, seed=a.seed)

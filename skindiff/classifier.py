@@ -167,9 +167,11 @@ def normalisation(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
 
 def create_classifier(num_classes: int, arch: str = LITE0_ARCH, pretrained: bool = True,
-                      weights: str | os.PathLike | None = None, drop_rate: float = 0.2) -> nn.Module:
+                      weights: str | os.PathLike | None = None, drop_rate: float = 0.2,
+                      drop_path_rate: float = 0.0) -> nn.Module:
     """A timm `arch` with a new `num_classes`-way head. `pretrained` loads ImageNet weights: offline for the
-    EfficientNet-Lites of `LITE_WEIGHTS`, from `weights` (a state-dict file in timm's names) for any architecture."""
+    EfficientNet-Lites of `LITE_WEIGHTS`, from `weights` (a state-dict file in timm's names) for any architecture.
+    `drop_rate`: dropout before the head; `drop_path_rate`: stochastic depth, the largest rate of timm's linear ramp over the blocks."""
     import timm
     if not isinstance(num_classes, int) or num_classes < 2: raise ConfigError(f"num_classes={num_classes!r}: expected an int >= 2")
     if not timm.is_model(arch): raise ConfigError(f"arch={arch!r}: not a timm model name (see timm.list_models())")
@@ -179,7 +181,8 @@ def create_classifier(num_classes: int, arch: str = LITE0_ARCH, pretrained: bool
                                f"names (e.g. saved with torch.save(timm.create_model({arch!r}, pretrained=True).state_dict(), PATH) "
                                f"on a machine with internet), or pretrained=False, or use one of {sorted(LITE_WEIGHTS)}")
         weights = pretrained_lite_path(arch)
-    model = timm.create_model(arch, pretrained=False, drop_rate=drop_rate)
+    if not 0 <= drop_path_rate < 1: raise ConfigError(f"drop_path_rate={drop_path_rate!r}: expected a probability in [0, 1)")
+    model = timm.create_model(arch, pretrained=False, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
     if weights is not None:
         path = Path(weights)
         if not path.is_file(): raise WeightsError(f"weights={str(path)!r} does not exist (pretrained weights for {arch})")

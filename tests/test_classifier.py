@@ -112,6 +112,17 @@ def test_create_classifier_head_and_normalisation():
     with pytest.raises(ConfigError, match="not a timm model"): clf.create_classifier(3, arch="no_such_net")
 
 
+def test_create_classifier_drop_path():
+    "Stochastic depth: off by default, a ramp up to drop_path_rate when asked, identity in evaluation mode."
+    rates = lambda m: [b.drop_path.drop_prob for s in m.blocks for b in s if hasattr(b.drop_path, "drop_prob")]
+    assert rates(clf.create_classifier(7)) == []
+    r = rates(m := clf.create_classifier(7, drop_path_rate=0.2))
+    assert r and max(r) <= 0.2 + 1e-9 and r == sorted(r)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(): assert torch.equal(m.eval()(x), m(x))
+    with pytest.raises(ConfigError, match="drop_path_rate"): clf.create_classifier(7, drop_path_rate=1.0)
+
+
 def test_other_arch_needs_user_weights(tmp_path):
     import timm
     with pytest.raises(clf.WeightsError, match=r"resnet18.*weights=PATH"): clf.create_classifier(3, arch="resnet18")
