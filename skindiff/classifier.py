@@ -175,13 +175,13 @@ def create_classifier(num_classes: int, arch: str = LITE0_ARCH, pretrained: bool
     import timm
     if not isinstance(num_classes, int) or num_classes < 2: raise ConfigError(f"num_classes={num_classes!r}: expected an int >= 2")
     if not timm.is_model(arch): raise ConfigError(f"arch={arch!r}: not a timm model name (see timm.list_models())")
+    if not 0 <= drop_path_rate < 1: raise ConfigError(f"drop_path_rate={drop_path_rate!r}: expected a probability in [0, 1)")
     if weights is None and pretrained:
         if arch not in LITE_WEIGHTS:
             raise WeightsError(f"no offline ImageNet weights for arch={arch!r}: pass weights=PATH, a state dict in timm's "
                                f"names (e.g. saved with torch.save(timm.create_model({arch!r}, pretrained=True).state_dict(), PATH) "
                                f"on a machine with internet), or pretrained=False, or use one of {sorted(LITE_WEIGHTS)}")
         weights = pretrained_lite_path(arch)
-    if not 0 <= drop_path_rate < 1: raise ConfigError(f"drop_path_rate={drop_path_rate!r}: expected a probability in [0, 1)")
     model = timm.create_model(arch, pretrained=False, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
     if weights is not None:
         path = Path(weights)
