@@ -30,10 +30,10 @@ __all__ = ['SKIN_CLASSES', 'CLINICAL_NAMES', 'MALIGNANT', 'ISIC2018_COLUMNS', 'D
            'HAM10000_DATAVERSE_FILES', 'ISIC2018_URL', 'ISIC2018_PARTS', 'DERMAMNIST_REMOTE', 'DOWNLOAD_MANIFEST',
            'CHUNK', 'SkinDataError', 'class_table', 'label_indices', 'read_csv_checked', 'read_ham10000',
            'read_isic2018', 'read_imagefolder', 'read_ph2', 'detect_format', 'read_skin_table', 'load_dermamnist',
-           'lesion_split', 'split_leakage', 'dermamnist_split', 'save_split_csv', 'read_split_csv', 'skin_dataset_dir',
-           'skin_split', 'ImageModeWarning', 'tensor_cache_path', 'decoded_images', 'skin_tensors', 'RemoteFile',
-           'DownloadError', 'download_file', 'extract_archive', 'fetch_dataset', 'dataverse_files', 'download_ham10000',
-           'download_isic2018', 'download_dermamnist']
+           'lesion_split', 'lesion_folds', 'split_leakage', 'dermamnist_split', 'save_split_csv', 'read_split_csv',
+           'skin_dataset_dir', 'skin_split', 'ImageModeWarning', 'tensor_cache_path', 'decoded_images', 'skin_tensors',
+           'RemoteFile', 'DownloadError', 'download_file', 'extract_archive', 'fetch_dataset', 'dataverse_files',
+           'download_ham10000', 'download_isic2018', 'download_dermamnist']
 
 # %% ../nbs/14_skin_data.ipynb #2c86d526
 SKIN_CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -297,27 +297,41 @@ def _check_table(df: pd.DataFrame, need: Sequence[str] = TABLE_COLUMNS) -> None:
     missing = [c for c in need if c not in df.columns]
     if missing: raise ConfigError(f"the table lacks column(s) {missing}; make it with read_skin_table or skin_split")
 
-def lesion_split(table: pd.DataFrame, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0) -> pd.DataFrame:
-    "`table` with a `split` column (train/val/test): grouped by lesion_id, stratified by label, fixed by `seed`."
+def _grouped_parts(table: pd.DataFrame, fractions: np.ndarray, seed: int, what: str) -> pd.Series:
+    """Part number (0…len(fractions)−1) of every row of `table`: whole lesions, label by label, each in turn to the part
+    furthest below its share `fractions` of that label's images (ties: the lower number), in an order fixed by `seed`."""
     _check_table(table, ("image_id", "lesion_id", "label"))
-    fr = np.asarray(fractions, dtype=float)
-    if fr.shape != (3,) or (fr < 0).any() or not np.isclose(fr.sum(), 1):
-        raise ConfigError(f"fractions={tuple(fractions)}: expected three non-negative numbers (train, val, test) summing to 1")
     mixed = table.groupby("lesion_id")["label"].nunique()
     if (mixed > 1).any():
         raise SkinDataError(f"{int((mixed > 1).sum())} lesion(s) have images with different labels, "
-                            f"e.g. {mixed[mixed > 1].index[0]!r}; a lesion-grouped split needs one label per lesion")
+                            f"e.g. {mixed[mixed > 1].index[0]!r}; a lesion-grouped {what} needs one label per lesion")
     lesions = table.groupby("lesion_id").agg(label=("label", "first"), n=("image_id", "size")).sort_index()
     rng = np.random.default_rng(int(seed))
-    assign: dict[str, str] = {}
+    assign: dict[str, int] = {}
     for label in sorted(lesions["label"].unique()):
         les = lesions[lesions["label"] == label]
         order = rng.permutation(len(les))
-        target, have = fr*les["n"].sum(), np.zeros(3)
+        target, have = fractions*les["n"].sum(), np.zeros(len(fractions))
         for i in order:
-            s = int(np.argmax(target - have))       # the split furthest below its target (ties: train, val, test)
-            assign[les.index[i]] = SPLIT_NAMES[s]; have[s] += les["n"].iloc[i]
-    return table.assign(split=table["lesion_id"].map(assign))
+            s = int(np.argmax(target - have))       # the part furthest below its target
+            assign[les.index[i]] = s; have[s] += les["n"].iloc[i]
+    return table["lesion_id"].map(assign)
+
+def lesion_split(table: pd.DataFrame, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0) -> pd.DataFrame:
+    "`table` with a `split` column (train/val/test): grouped by lesion_id, stratified by label, fixed by `seed`."
+    fr = np.asarray(fractions, dtype=float)
+    if fr.shape != (3,) or (fr < 0).any() or not np.isclose(fr.sum(), 1):
+        raise ConfigError(f"fractions={tuple(fractions)}: expected three non-negative numbers (train, val, test) summing to 1")
+    return table.assign(split=_grouped_parts(table, fr, seed, "split").map(dict(enumerate(SPLIT_NAMES))))
+
+def lesion_folds(table: pd.DataFrame, k: int, seed: int = 0) -> np.ndarray:
+    """Fold number 0…k−1 of every row of `table` (int64, in row order): k lesion-grouped folds of equal size,
+    stratified by label and fixed by `seed`, e.g. to cross-fit models on a validation split."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
+        raise ConfigError(f"k={k!r}: expected an int >= 2 (folds)")
+    if table["lesion_id"].nunique() < k:
+        raise ConfigError(f"k={k}: the table has only {table['lesion_id'].nunique()} lesion(s), fewer than the folds")
+    return _grouped_parts(table, np.full(int(k), 1/int(k)), seed, "fold assignment").to_numpy(np.int64)
 
 def split_leakage(table: pd.DataFrame) -> dict[str, int]:
     "How many val/test images (and lesions) share a lesion_id with a training image."

@@ -17,3 +17,22 @@ def test_parameters_cell(chapter):
         unknown = set(chapters.get(chapter, {})) - names
         assert not unknown, f"profile {profile} injects {unknown} into {chapter}, which its parameters cell does not define"
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
+
+
+def test_skin_classifier_cross_fit(tmp_path):
+    """Chapter 16 with `cross_fit=True` (off in the profiles' defaults, so nbdev-test does not run it): each member
+    trains on train + the other validation fold and its checkpoint metadata names its fold."""
+    import json, papermill, torch
+    from skindiff.data import DataNotFoundError, find_data_root
+    try: find_data_root(need="ham10000")
+    except DataNotFoundError: pytest.skip("shared data ham10000 not available")
+    out = tmp_path/"run"
+    papermill.execute_notebook(str(study.notebooks_dir()/"16_skin_classifier.ipynb"), str(tmp_path/"out.ipynb"), cwd=str(study.notebooks_dir()),
+                               parameters=dict(out_dir=str(out), cross_fit=True), progress_bar=False)   # the ci-sized defaults
+    for i, name in enumerate(("lesion", "lesion_1")):
+        sel = json.loads((out/"checkpoints"/"16_skin_classifier"/name/"selection.json").read_text())
+        assert [h["step"] for h in sel["history"]] == [12, 24]
+        ck = torch.load(sorted((out/"checkpoints"/"16_skin_classifier"/name).glob("ckpt_*.pt"))[-1], map_location="cpu", weights_only=True)
+        assert ck["meta"]["cross_fit"] == f"fold {i} of 2"
+    results = json.loads((out/"results"/"16_skin_classifier.json").read_text())
+    assert next(r for r in results if r["name"] == "lesion_train_seconds")["cross_fit"] is True

@@ -1,5 +1,5 @@
 "Tests for skindiff.skin: loaders for five layouts, label vocabulary, lesion-grouped splits, tensor cache, bad input."
-import json, shutil, warnings
+import hashlib, json, shutil, warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ from skindiff.data import DataNotFoundError, ImageReadError, find_data_root
 from skindiff import skin
 from skindiff.skin import (SKIN_CLASSES, ISIC2018_COLUMNS, SkinDataError, ImageModeWarning, label_indices, read_ham10000,
                            read_isic2018, read_imagefolder, read_ph2, read_skin_table, detect_format, load_dermamnist,
-                           lesion_split, dermamnist_split, split_leakage, skin_split, save_split_csv, read_split_csv,
+                           lesion_split, lesion_folds, dermamnist_split, split_leakage, skin_split, save_split_csv, read_split_csv,
                            skin_tensors, decoded_images)
 
 
@@ -183,6 +183,23 @@ def test_lesion_split_has_no_shared_lesion(ham):
     assert (abs(tab["train"] - 0.7) < 0.03).all() and (abs(tab["test"] - 0.15) < 0.03).all()
     assert s.split.equals(lesion_split(ham, seed=0).split) and not s.split.equals(lesion_split(ham, seed=1).split)
     with pytest.raises(ConfigError, match="fractions"): lesion_split(ham, (0.5, 0.5, 0.5))
+
+def test_lesion_split_is_the_published_one(ham):
+    "The seed-0 split of the 10,015 images is the one every reported result used (a refactor must not move a lesion)."
+    s = lesion_split(ham, seed=0).sort_values("image_id")
+    assert hashlib.sha256(",".join(s.split).encode()).hexdigest()[:16] == "d0700b840b37d144"
+
+def test_lesion_folds(ham):
+    val = lesion_split(ham, seed=0).query("split == 'val'")
+    for k in (2, 3):
+        f = lesion_folds(val, k, seed=0)
+        assert f.dtype == np.int64 and f.shape == (len(val),) and set(f) == set(range(k))
+        assert pd.Series(f).groupby(val.lesion_id.to_numpy()).nunique().max() == 1, "a lesion in two folds"
+        assert (abs(np.bincount(f)/len(f) - 1/k) < 0.01).all()
+        assert (lesion_folds(val, k, seed=0) == f).all() and not (lesion_folds(val, k, seed=1) == f).all()
+    with pytest.raises(ConfigError, match="k=1"): lesion_folds(val, 1)
+    with pytest.raises(ConfigError, match="k=True"): lesion_folds(val, True)
+    with pytest.raises(ConfigError, match="only 2 lesion"): lesion_folds(val[val.lesion_id.isin(val.lesion_id.unique()[:2])], 3)
 
 
 def test_dermamnist_split_and_leakage(ham):
