@@ -329,6 +329,7 @@ def lesion_folds(table: pd.DataFrame, k: int, seed: int = 0) -> np.ndarray:
     stratified by label and fixed by `seed`, e.g. to cross-fit models on a validation split."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
         raise ConfigError(f"k={k!r}: expected an int >= 2 (folds)")
+    _check_table(table, ("image_id", "lesion_id", "label"))
     if table["lesion_id"].nunique() < k:
         raise ConfigError(f"k={k}: the table has only {table['lesion_id'].nunique()} lesion(s), fewer than the folds")
     return _grouped_parts(table, np.full(int(k), 1/int(k)), seed, "fold assignment").to_numpy(np.int64)

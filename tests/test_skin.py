@@ -199,6 +199,7 @@ def test_lesion_folds(ham):
         assert (lesion_folds(val, k, seed=0) == f).all() and not (lesion_folds(val, k, seed=1) == f).all()
     with pytest.raises(ConfigError, match="k=1"): lesion_folds(val, 1)
     with pytest.raises(ConfigError, match="k=True"): lesion_folds(val, True)
+    with pytest.raises(ConfigError, match="lacks column"): lesion_folds(val.drop(columns="lesion_id"), 2)
     with pytest.raises(ConfigError, match="only 2 lesion"): lesion_folds(val[val.lesion_id.isin(val.lesion_id.unique()[:2])], 3)
 
 
