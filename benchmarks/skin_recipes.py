@@ -14,6 +14,7 @@ difference of a few points is within the run-to-run noise (about ±0.02 balanced
 - `--arch tf_efficientnet_lite2`: another EfficientNet-Lite with offline weights (Lite0, Lite1, Lite2);
 - `--drop-path P`: stochastic depth in the trained blocks (timm's `drop_path_rate`, a linear ramp up to P);
 - `--smoothing E`: the label smoothing ε of eq 15.2 (the profile: 0.1);
+- `--cutmix P`: CutMix on the cached maps (`feature_cutmix`, eq 15.8) in a batch with probability P;
 - `--split-seed S`: another lesion-grouped split (chapter 16's `--seed`; the default 0 is the profile's).
 
 It prints the selected EMA weights, the last ones, and their mean ("both": one member of chapter 16 with `keep_last`).
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--smoothing", type=float, default=0.1, help="label smoothing ε (eq 15.2)")
     ap.add_argument("--drop-path", type=float, default=0.0, help="stochastic-depth rate (timm drop_path_rate)")
     ap.add_argument("--crop", type=int, default=0, help="random crop side of the cached feature maps (0: none)")
+    ap.add_argument("--cutmix", type=float, default=0.0, help="probability of a CutMixed batch (eq 15.8; 0: off)")
     ap.add_argument("--la", type=float, default=0.0, help="τ of the logit-adjusted loss (0: off)")
     ap.add_argument("--imbalance", default="sqrt", choices=list(clf.IMBALANCE_POWERS))
     ap.add_argument("--cache", default=str(cache_dir()/"bench_skin_recipes"), help="folder for the trunk cache")
@@ -70,12 +72,16 @@ def main() -> None:
     weight = clf.class_weights(y, len(classes), a.imbalance)
     log_prior = torch.log(torch.bincount(y, minlength=len(classes)).float()/len(y))
 
-    def loss_fn(model, batch, g):
+    if a.la and a.cutmix: ap.error("--la and --cutmix: the logit-adjusted loss has no CutMix here")
+    crop = a.crop/h_all.shape[-1] if a.crop else 1.0
+
+    def la_loss_fn(model, batch, g):          # the logit-adjusted loss: cross-entropy of logits + τ log π
         h, yb = batch
-        hk = h[torch.arange(len(h)), torch.randint(0, h.shape[1], (len(h),), generator=g)].float()
-        if a.crop: hk = clf.random_feature_crop(hk, a.crop/hk.shape[-1], g)
+        hk = clf.random_feature_crop(h[torch.arange(len(h)), torch.randint(0, h.shape[1], (len(h),), generator=g)].float(), crop, g)
         logits = clf.head_forward(model, hk.contiguous(memory_format=torch.channels_last), a.freeze).float()
         return F.cross_entropy(logits + a.la*log_prior, yb, weight=weight, label_smoothing=a.smoothing)
+
+    loss_fn = la_loss_fn if a.la else clf.cached_trunk_loss_fn(a.freeze, weight, a.smoothing, crop, a.cutmix)
 
     cfg = TrainConfig(steps=a.steps, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_steps=max(1, round(0.05*a.steps)),
                       lr_schedule="cosine", ema_decay=0.995, ckpt_every=a.steps, seed=a.seed)

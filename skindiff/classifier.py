@@ -30,10 +30,10 @@ __all__ = ['LITE0_ARCH', 'LITE0_STAGE_DEPTHS', 'CONVERTED_FORMAT', 'LITE_WEIGHTS
            'convert_lite_state_dict', 'pretrained_lite_path', 'normalisation', 'create_classifier', 'freeze_stages',
            'layer_decay_groups', 'infer_batch', 'normalise', 'extract_features', 'linear_probe_accuracy', 'Augment',
            'dihedral_view', 'random_zoom', 'augment_batch', 'class_weights', 'classifier_loss_fn', 'trunk_forward',
-           'head_forward', 'adapt_trunk_batchnorm', 'trunk_features', 'random_feature_crop', 'cached_trunk_loss_fn',
-           'predict_proba', 'confusion_matrix', 'roc_curve', 'roc_auc', 'sensitivity_at_specificity',
-           'reliability_bins', 'expected_calibration_error', 'classification_metrics', 'bootstrap_ci',
-           'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability', 'prediction_columns',
+           'head_forward', 'adapt_trunk_batchnorm', 'trunk_features', 'random_feature_crop', 'feature_cutmix',
+           'cached_trunk_loss_fn', 'predict_proba', 'confusion_matrix', 'roc_curve', 'roc_auc',
+           'sensitivity_at_specificity', 'reliability_bins', 'expected_calibration_error', 'classification_metrics',
+           'bootstrap_ci', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability', 'prediction_columns',
            'write_predictions_csv', 'evaluate', 'metrics_table', 'ClassifierTrainResult', 'train_classifier',
            'EnsembleClassifier', 'save_classifier', 'load_classifier', 'evaluate_checkpoint', 'predict']
 
@@ -438,19 +438,43 @@ def random_feature_crop(h: Tensor, crop: float, generator: torch.Generator) -> T
     off = torch.randint(0, w - k + 1, (len(h), 2), generator=generator, device=generator.device).tolist()
     return torch.stack([f[:, i:i + k, j:j + k] for f, (i, j) in zip(h, off)])
 
-def cached_trunk_loss_fn(n: int, weight: Tensor | None = None, label_smoothing: float = 0.0, crop: float = 1.0) -> Callable:
+def _check_cutmix(p: float) -> None:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise ConfigError(f"feature_cutmix={p!r}: expected a probability 0 <= p <= 1 (0: off)")
+
+def feature_cutmix(h: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, float]:
+    """CutMix (Yun et al., 2019) on feature maps N×C×w×w (eq 15.8): λ ~ U(0, 1), a box of side ≈ w√(1 − λ) at a uniform
+    centre (clipped to the map), filled in every map from a random permutation π of the batch. Returns (mixed maps, π,
+    λ recomputed as the share of each map that stays its own)."""
+    n, w = len(h), h.shape[-1]
+    lam = float(torch.rand((), generator=generator, device=generator.device))
+    cut = round(w*math.sqrt(1 - lam))
+    ci, cj = torch.randint(0, w, (2,), generator=generator, device=generator.device).tolist()
+    i0, i1, j0, j1 = max(ci - cut//2, 0), min(ci + cut - cut//2, w), max(cj - cut//2, 0), min(cj + cut - cut//2, w)
+    perm = torch.randperm(n, generator=generator, device=generator.device).to(h.device)
+    out = h.clone()
+    out[..., i0:i1, j0:j1] = h[perm][..., i0:i1, j0:j1]
+    return out, perm, 1 - (i1 - i0)*(j1 - j0)/w**2
+
+def cached_trunk_loss_fn(n: int, weight: Tensor | None = None, label_smoothing: float = 0.0, crop: float = 1.0,
+                         cutmix: float = 0.0) -> Callable:
     """`loss_fn(model, (trunk features N×V×C×h×w, labels N), generator)` for `skindiff.train.train`: eq 15.2 on the head's
-    output for one random cached view per image (eq 15.6), optionally on a random crop of side `crop` of its maps."""
+    output for one random cached view per image (eq 15.6), optionally on a random crop of side `crop` of its maps; with
+    probability `cutmix` a batch is CutMixed (`feature_cutmix`) and its loss is eq 15.8."""
     if not 0 <= label_smoothing < 1: raise ConfigError(f"label_smoothing={label_smoothing}: expected 0 <= ε < 1")
-    _check_feature_crop(crop)
+    _check_feature_crop(crop); _check_cutmix(cutmix)
     def loss_fn(model: nn.Module, batch: tuple, generator: torch.Generator) -> Tensor:
         h, y = batch[0], batch[1]
         k = torch.randint(0, h.shape[1], (len(h),), generator=generator, device=generator.device).to(h.device)
         hk = random_feature_crop(h[torch.arange(len(h), device=h.device), k].float(), crop, generator)
-        logits = head_forward(model, hk.contiguous(memory_format=torch.channels_last), n)
+        mix = cutmix > 0 and float(torch.rand((), generator=generator, device=generator.device)) < cutmix
+        if mix: hk, perm, lam = feature_cutmix(hk, generator)
+        logits = head_forward(model, hk.contiguous(memory_format=torch.channels_last), n).float()
         w = None if weight is None else weight.to(logits.device, torch.float32)
-        return F.cross_entropy(logits.float(), y, weight=w, label_smoothing=label_smoothing)
+        ce = lambda t: F.cross_entropy(logits, t, weight=w, label_smoothing=label_smoothing)
+        return lam*ce(y) + (1 - lam)*ce(y[perm]) if mix else ce(y)
     return loss_fn
+
 
 # %% ../nbs/15_classifier.ipynb #6b8324b2
 @torch.inference_mode()
@@ -714,7 +738,8 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
                      augment: Augment | None = Augment(), eval_every: int | None = None, tta: bool = False,
                      ckpt_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
                      meta: dict | None = None, progress: bool = True, cache_trunk: int = 0,
-                     trunk_cache: Tensor | None = None, layer_decay: float = 1.0, feature_crop: float = 1.0) -> ClassifierTrainResult:
+                     trunk_cache: Tensor | None = None, layer_decay: float = 1.0, feature_crop: float = 1.0,
+                     feature_cutmix: float = 0.0) -> ClassifierTrainResult:
     """Fine-tune `model` on `train_data` = (uint8 images N×3×H×W, labels) with weighted, label-smoothed cross-entropy
     (eqs 15.1–15.2) and augmentation; every `eval_every` steps score the EMA on `val_data` and keep the best
     balanced accuracy. Resumes from `ckpt_dir`. `cache_trunk=n` freezes the stem and `n` stages, re-estimates their
@@ -722,7 +747,7 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
     reuses the cache of an earlier run on the same images with the same `cache_trunk` and `augment` (the result's
     `trunk_cache`), so the members of an ensemble share one. `layer_decay` < 1 scales each stage's learning rate
     (`layer_decay_groups`). `feature_crop` < 1 (with `cache_trunk`) trains on random crops of that side of the cached
-    maps (`random_feature_crop`). The result's `seconds` is the training wall time summed over every session of the run (kept
+    maps (`random_feature_crop`), and `feature_cutmix` = p CutMixes a batch of them with probability p (eq 15.8). The result's `seconds` is the training wall time summed over every session of the run (kept
     in selection.json), so a resumed run reports its whole cost; a finished run is loaded without rebuilding the cache."""
     x, y = _split(train_data, "train_data")
     C = len(class_names)
@@ -742,6 +767,10 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
     if feature_crop != 1:
         if not cache_trunk: raise ConfigError(f"feature_crop={feature_crop} crops the cached trunk features: it needs cache_trunk > 0")
         meta["feature_crop"] = float(feature_crop)
+    _check_cutmix(feature_cutmix)
+    if feature_cutmix:
+        if not cache_trunk: raise ConfigError(f"feature_cutmix={feature_cutmix} mixes the cached trunk features: it needs cache_trunk > 0")
+        meta["feature_cutmix"] = float(feature_cutmix)
     if val_data is not None: xv, yv = _split(val_data, "val_data")
     every = cfg.steps if val_data is None or not eval_every else int(eval_every)
     if every <= 0: raise ConfigError(f"eval_every={eval_every}: expected a positive number of steps")
@@ -771,7 +800,7 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
                                       f"{tuple(trunk_cache.shape) if isinstance(trunk_cache, Tensor) else type(trunk_cache).__name__}")
             data = (trunk_cache, y)
         else: data = (x, y)
-        loss_fn = (cached_trunk_loss_fn(cache_trunk, weight, label_smoothing, feature_crop) if cache_trunk
+        loss_fn = (cached_trunk_loss_fn(cache_trunk, weight, label_smoothing, feature_crop, feature_cutmix) if cache_trunk
                    else classifier_loss_fn(mean, std, weight, label_smoothing, augment))
         best = max(history, key=lambda h: h["balanced_accuracy"]) if history else None
         best_state = torch.load(best_path, map_location="cpu", weights_only=True) if best and best_path.is_file() else None

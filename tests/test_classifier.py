@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -618,3 +619,43 @@ def test_feature_crop():
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError, match=r"feature_crop=.*expected 0 < crop <= 1"):
             clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, cache_trunk=2, feature_crop=bad, **kw)
+
+
+def test_feature_cutmix():
+    g = torch.Generator().manual_seed(0)
+    h = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 2, 8, 8).clone()   # map i is all i
+    for _ in range(20):
+        m, perm, lam = clf.feature_cutmix(h, g)
+        assert sorted(perm.tolist()) == list(range(6)) and 0 <= lam <= 1
+        for i in range(6):                                            # each map: its own values outside one box, π(i)'s inside
+            own = (m[i] == i).float().mean().item()
+            if perm[i] != i: assert own == pytest.approx(lam) and torch.isin(m[i], torch.tensor([i, float(perm[i])])).all()
+        mixed = [i for i in range(6) if perm[i] != i and lam < 1]
+        if mixed:                                                     # the pasted region is one axis-aligned rectangle
+            box = m[mixed[0], 0] != mixed[0]
+            rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+            assert box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    # the loss: λ ℓ(y) + (1 − λ) ℓ(y_π), and p = 0 is exactly the plain cached loss
+    torch.manual_seed(0)
+    model = clf.create_classifier(3, pretrained=False).eval()
+    hc = torch.randn(4, 8, 24, 8, 8)
+    y = torch.tensor([0, 1, 2, 0])
+    plain = clf.cached_trunk_loss_fn(2)(model, (hc, y), torch.Generator().manual_seed(1))
+    assert torch.equal(clf.cached_trunk_loss_fn(2, cutmix=0.0)(model, (hc, y), torch.Generator().manual_seed(1)), plain)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    mixed = clf.cached_trunk_loss_fn(2, cutmix=1.0)(model, (hc, y), g1)
+    k = torch.randint(0, 8, (4,), generator=g2); torch.rand((), generator=g2)   # the same draws, by hand
+    hm, perm, lam = clf.feature_cutmix(hc[torch.arange(4), k], g2)
+    with torch.no_grad(): logits = clf.head_forward(model, hm, 2)
+    expect = lam*F.cross_entropy(logits, y) + (1 - lam)*F.cross_entropy(logits, y[perm])
+    assert torch.allclose(mixed, expect, atol=1e-5)
+    x, yy = _tiny_data()
+    cfg = TrainConfig(steps=2, batch_size=8, seed=0)
+    kw = dict(class_names=["a", "b", "c"], device="cpu", progress=False)
+    r = clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, yy), cfg, cache_trunk=2, feature_cutmix=0.5, **kw)
+    assert r.meta["feature_cutmix"] == 0.5 and np.isfinite(r.train.losses).all()
+    with pytest.raises(ConfigError, match="needs cache_trunk"):
+        clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, yy), cfg, feature_cutmix=0.5, **kw)
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ConfigError, match=r"feature_cutmix=.*expected a probability"):
+            clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, yy), cfg, cache_trunk=2, feature_cutmix=bad, **kw)
