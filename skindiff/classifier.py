@@ -475,7 +475,6 @@ def cached_trunk_loss_fn(n: int, weight: Tensor | None = None, label_smoothing: 
         return lam*ce(y) + (1 - lam)*ce(y[perm]) if mix else ce(y)
     return loss_fn
 
-
 # %% ../nbs/15_classifier.ipynb #6b8324b2
 @torch.inference_mode()
 def predict_proba(model: nn.Module, images, mean: Sequence[float], std: Sequence[float], batch_size: int | None = None,
