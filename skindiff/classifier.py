@@ -453,7 +453,7 @@ def feature_cutmix(h: Tensor, generator: torch.Generator) -> tuple[Tensor, Tenso
     i0, i1, j0, j1 = max(ci - cut//2, 0), min(ci + cut - cut//2, w), max(cj - cut//2, 0), min(cj + cut - cut//2, w)
     perm = torch.randperm(n, generator=generator, device=generator.device).to(h.device)
     out = h.clone()
-    out[..., i0:i1, j0:j1] = h[perm][..., i0:i1, j0:j1]
+    out[..., i0:i1, j0:j1] = h[..., i0:i1, j0:j1][perm]          # only the box is gathered
     return out, perm, 1 - (i1 - i0)*(j1 - j0)/w**2
 
 def cached_trunk_loss_fn(n: int, weight: Tensor | None = None, label_smoothing: float = 0.0, crop: float = 1.0,

@@ -600,6 +600,20 @@ def test_train_param_groups_are_checked():
     assert torch.equal(m.bias, bias0)                                      # lr_scale 0: that group never moves
 
 
+def _check_cached_option(name: str, value, bad: tuple, match: str) -> None:
+    "train_classifier(**{name: value}) on cached features trains and records it; without a cache, or with a bad value, a clear error."
+    x, y = _tiny_data()
+    cfg = TrainConfig(steps=2, batch_size=8, seed=0)
+    kw = dict(class_names=["a", "b", "c"], device="cpu", progress=False)
+    r = clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, cache_trunk=2, **{name: value}, **kw)
+    assert r.meta[name] == value and np.isfinite(r.train.losses).all()
+    with pytest.raises(ConfigError, match="needs cache_trunk"):
+        clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, **{name: value}, **kw)
+    for v in bad:
+        with pytest.raises(ConfigError, match=match):
+            clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, cache_trunk=2, **{name: v}, **kw)
+
+
 def test_feature_crop():
     g = torch.Generator().manual_seed(0)
     h = torch.arange(2*3*8*8, dtype=torch.float32).reshape(2, 3, 8, 8)
@@ -609,16 +623,7 @@ def test_feature_crop():
         i, j = int((cf[0, 0, 0] - f[0, 0, 0])//8), int((cf[0, 0, 0] - f[0, 0, 0]) % 8)
         assert torch.equal(cf, f[:, i:i + 6, j:j + 6])
     assert clf.random_feature_crop(h, 1.0, g) is h
-    x, y = _tiny_data()
-    cfg = TrainConfig(steps=2, batch_size=8, seed=0)
-    kw = dict(class_names=["a", "b", "c"], device="cpu", progress=False)
-    r = clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, cache_trunk=2, feature_crop=0.75, **kw)
-    assert r.meta["feature_crop"] == 0.75 and np.isfinite(r.train.losses).all()
-    with pytest.raises(ConfigError, match="needs cache_trunk"):
-        clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, feature_crop=0.75, **kw)
-    for bad in (0.0, 1.5):
-        with pytest.raises(ConfigError, match=r"feature_crop=.*expected 0 < crop <= 1"):
-            clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, cache_trunk=2, feature_crop=bad, **kw)
+    _check_cached_option("feature_crop", 0.75, (0.0, 1.5), r"feature_crop=.*expected 0 < crop <= 1")
 
 
 def test_feature_cutmix():
@@ -649,13 +654,4 @@ def test_feature_cutmix():
     with torch.no_grad(): logits = clf.head_forward(model, hm, 2)
     expect = lam*F.cross_entropy(logits, y) + (1 - lam)*F.cross_entropy(logits, y[perm])
     assert torch.allclose(mixed, expect, atol=1e-5)
-    x, yy = _tiny_data()
-    cfg = TrainConfig(steps=2, batch_size=8, seed=0)
-    kw = dict(class_names=["a", "b", "c"], device="cpu", progress=False)
-    r = clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, yy), cfg, cache_trunk=2, feature_cutmix=0.5, **kw)
-    assert r.meta["feature_cutmix"] == 0.5 and np.isfinite(r.train.losses).all()
-    with pytest.raises(ConfigError, match="needs cache_trunk"):
-        clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, yy), cfg, feature_cutmix=0.5, **kw)
-    for bad in (-0.1, 1.5, True):
-        with pytest.raises(ConfigError, match=r"feature_cutmix=.*expected a probability"):
-            clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, yy), cfg, cache_trunk=2, feature_cutmix=bad, **kw)
+    _check_cached_option("feature_cutmix", 0.5, (-0.1, 1.5, True), r"feature_cutmix=.*expected a probability")
