@@ -25,13 +25,14 @@ from .skin import SKIN_CLASSES, ISIC2018_COLUMNS      # label vocabulary; ISIC 2
 
 # %% auto #0
 __all__ = ['LITE0_ARCH', 'LITE0_STAGE_DEPTHS', 'CONVERTED_FORMAT', 'LITE_WEIGHTS', 'CPU_INFER_BATCH', 'GPU_INFER_BATCH',
-           'DIHEDRAL_VIEWS', 'LUMA', 'MAX_ZOOM', 'IMBALANCE_POWERS', 'ECE_BINS', 'TARGET_SPECIFICITY',
-           'CLASSIFIER_FORMAT', 'LiteWeights', 'WeightsError', 'lite_weight_file', 'stage_depths', 'lite_key',
-           'convert_lite_state_dict', 'pretrained_lite_path', 'normalisation', 'create_classifier', 'freeze_stages',
-           'layer_decay_groups', 'infer_batch', 'normalise', 'extract_features', 'linear_probe_accuracy', 'Augment',
-           'dihedral_view', 'random_zoom', 'augment_batch', 'class_weights', 'classifier_loss_fn', 'trunk_forward',
-           'head_forward', 'adapt_trunk_batchnorm', 'trunk_features', 'random_feature_crop', 'feature_cutmix',
-           'cached_trunk_loss_fn', 'predict_proba', 'confusion_matrix', 'roc_curve', 'roc_auc',
+           'DIHEDRAL_VIEWS', 'LUMA', 'MAX_ZOOM', 'IMBALANCE_POWERS', 'DEPTHWISE_KERNEL_SIZES', 'ECE_BINS',
+           'TARGET_SPECIFICITY', 'CLASSIFIER_FORMAT', 'LiteWeights', 'WeightsError', 'lite_weight_file', 'stage_depths',
+           'lite_key', 'convert_lite_state_dict', 'pretrained_lite_path', 'normalisation', 'create_classifier',
+           'freeze_stages', 'layer_decay_groups', 'infer_batch', 'normalise', 'extract_features',
+           'linear_probe_accuracy', 'Augment', 'dihedral_view', 'random_zoom', 'augment_batch', 'class_weights',
+           'classifier_loss_fn', 'trunk_forward', 'head_forward', 'adapt_trunk_batchnorm', 'trunk_features',
+           'random_feature_crop', 'feature_cutmix', 'cached_trunk_loss_fn', 'depthwise_extension', 'DepthwiseConv2d',
+           'use_depthwise_kernel', 'predict_proba', 'confusion_matrix', 'roc_curve', 'roc_auc',
            'sensitivity_at_specificity', 'reliability_bins', 'expected_calibration_error', 'classification_metrics',
            'bootstrap_ci', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability', 'prediction_columns',
            'write_predictions_csv', 'evaluate', 'metrics_table', 'ClassifierTrainResult', 'train_classifier',
@@ -475,6 +476,174 @@ def cached_trunk_loss_fn(n: int, weight: Tensor | None = None, label_smoothing: 
         return lam*ce(y) + (1 - lam)*ce(y[perm]) if mix else ce(y)
     return loss_fn
 
+# %% ../nbs/15_classifier.ipynb #9bce66fc
+DEPTHWISE_KERNEL_SIZES = (3, 5)          # k of the compiled weight gradient (EfficientNet's depthwise filters)
+_DEPTHWISE_SRC = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cstring>
+typedef float v16 __attribute__((vector_size(64)));   // 16 channels of one pixel
+
+// acc[i][j] += sum over (y, x) of sample n of g[n, y, x, c0:c0+16] * x[n, s*y + i - pt, s*x + j - pl, c0:c0+16]
+template <int K, bool FULL>
+static inline void accumulate(v16 (&acc)[K][K], const float* x, const float* g, int64_t n, int64_t C, int64_t H, int64_t W,
+                              int64_t Ho, int64_t Wo, int64_t sy, int64_t sx, int64_t pt, int64_t pl, int64_t c0, int64_t nc) {
+  auto load = [&](const float* p) { v16 v; if (FULL) std::memcpy(&v, p, sizeof(v16)); else { v = v16{}; std::memcpy(&v, p, nc * sizeof(float)); } return v; };
+  for (int64_t yo = 0; yo < Ho; ++yo) {
+    const int64_t y0 = yo * sy - pt;
+    const bool rows_in = y0 >= 0 && y0 + K <= H;
+    for (int64_t xo = 0; xo < Wo; ++xo) {
+      const v16 gv = load(g + ((n * Ho + yo) * Wo + xo) * C + c0);
+      const int64_t x0 = xo * sx - pl;
+      if (rows_in && x0 >= 0 && x0 + K <= W) {           // every tap inside the image: no branches
+        const float* base = x + ((n * H + y0) * W + x0) * C + c0;
+#pragma GCC unroll 8
+        for (int i = 0; i < K; ++i)
+#pragma GCC unroll 8
+          for (int j = 0; j < K; ++j) acc[i][j] += gv * load(base + (i * W + j) * C);
+      } else {                                            // a border pixel: taps in the zero padding add nothing
+        for (int i = 0; i < K; ++i) {
+          const int64_t yi = y0 + i;
+          if (yi < 0 || yi >= H) continue;
+          for (int j = 0; j < K; ++j) {
+            const int64_t xi = x0 + j;
+            if (xi < 0 || xi >= W) continue;
+            acc[i][j] += gv * load(x + ((n * H + yi) * W + xi) * C + c0);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <int K>
+static void weight_grad(const float* x, const float* g, float* gw, int64_t N, int64_t C, int64_t H, int64_t W,
+                        int64_t Ho, int64_t Wo, int64_t sy, int64_t sx, int64_t pt, int64_t pl) {
+  at::parallel_for(0, (C + 15) / 16, 1, [&](int64_t b0, int64_t b1) {   // threads split the channels: no reduction
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * 16, nc = std::min<int64_t>(16, C - c0);
+      v16 acc[K][K];
+      for (int i = 0; i < K; ++i) for (int j = 0; j < K; ++j) acc[i][j] = v16{};
+      for (int64_t n = 0; n < N; ++n) {
+        if (nc == 16) accumulate<K, true>(acc, x, g, n, C, H, W, Ho, Wo, sy, sx, pt, pl, c0, nc);
+        else accumulate<K, false>(acc, x, g, n, C, H, W, Ho, Wo, sy, sx, pt, pl, c0, nc);
+      }
+      for (int i = 0; i < K; ++i) for (int j = 0; j < K; ++j)
+        for (int64_t c = 0; c < nc; ++c) gw[(c0 + c) * K * K + i * K + j] = acc[i][j][c];
+    }
+  });
+}
+
+// dL/dw (C x 1 x k x k) of a depthwise conv2d with input x (N x C x H x W) and output gradient g (N x C x Ho x Wo)
+torch::Tensor depthwise_weight_grad(torch::Tensor x, torch::Tensor g, int64_t k, int64_t sy, int64_t sx, int64_t pt, int64_t pl) {
+  TORCH_CHECK(x.dim() == 4 && g.dim() == 4 && x.size(0) == g.size(0) && x.size(1) == g.size(1), "depthwise_weight_grad: x and g must be N x C x H x W with the same N and C");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat && x.device().is_cpu() && g.device().is_cpu(), "depthwise_weight_grad: float32 CPU tensors expected");
+  TORCH_CHECK(sy >= 1 && sx >= 1 && pt >= 0 && pl >= 0, "depthwise_weight_grad: bad stride or padding");
+  auto xc = x.contiguous(at::MemoryFormat::ChannelsLast), gc = g.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ho = g.size(2), Wo = g.size(3);
+  auto gw = torch::empty({C, 1, k, k}, x.options());
+  const float *xp = xc.data_ptr<float>(), *gp = gc.data_ptr<float>();
+  float* wp = gw.data_ptr<float>();
+  if (k == 3) weight_grad<3>(xp, gp, wp, N, C, H, W, Ho, Wo, sy, sx, pt, pl);
+  else if (k == 5) weight_grad<5>(xp, gp, wp, N, C, H, W, Ho, Wo, sy, sx, pt, pl);
+  else TORCH_CHECK(false, "depthwise_weight_grad: kernel size ", k, " is not compiled (3 or 5)");
+  return gw;
+}
+"""
+_depthwise = dict(ext=None, error=None)
+
+def depthwise_extension():
+    """The compiled weight gradient of eq 15.9 (`depthwise_weight_grad(x, g, k, sy, sx, pt, pl)`), built on first use
+    with `torch.utils.cpp_extension` under `cache_dir()/torch_extensions` and loaded from there afterwards; None, with
+    one warning, where it cannot be built (no C++ compiler)."""
+    if _depthwise["ext"] is not None or _depthwise["error"] is not None: return _depthwise["ext"]
+    import logging
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)     # not "no CUDA runtime": this is CPU code
+    isa = torch.backends.cpu.get_cpu_capability().lower().replace(" ", "_")    # one build per instruction set
+    flags = {"avx512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma"], "avx2": ["-mavx2", "-mfma"]}.get(isa, [])
+    try:
+        import shutil
+        if shutil.which("ninja") is None:                                      # the `ninja` package of an unactivated venv
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        from torch.utils.cpp_extension import load_inline
+        build = cache_dir()/"torch_extensions"/f"depthwise_{isa}"
+        build.mkdir(parents=True, exist_ok=True)
+        _depthwise["ext"] = load_inline(f"skindiff_depthwise_{isa}", cpp_sources=_DEPTHWISE_SRC, functions=["depthwise_weight_grad"],
+                                        extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"],
+                                        build_directory=str(build), verbose=False)
+    except Exception as e:
+        _depthwise["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        warnings.warn(f"the depthwise weight-gradient kernel could not be built ({_depthwise['error'][:300]}); "
+                      "training uses PyTorch's own (slower on a CPU)")
+    return _depthwise["ext"]
+
+def _cpu_autocast() -> bool:
+    try: return torch.is_autocast_enabled("cpu")
+    except TypeError: return torch.is_autocast_cpu_enabled()         # torch < 2.4
+
+class _DepthwiseConv2dFn(torch.autograd.Function):
+    "conv2d with groups = channels; PyTorch's forward and input gradient, the weight gradient of eq 15.9 compiled."
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple, padding: tuple) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (tuple(stride), tuple(padding), bias is not None)
+        return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        x, weight = ctx.saved_tensors
+        (sy, sx), (pt, pl), has_bias = ctx.conf
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(g, x, weight, None, [sy, sx], [pt, pl], [1, 1], False, [0, 0], x.shape[1],
+                                                     [True, False, False])[0]
+        if ctx.needs_input_grad[1]: gw = depthwise_extension().depthwise_weight_grad(x, g, weight.shape[-1], sy, sx, pt, pl)
+        if has_bias and ctx.needs_input_grad[2]: gb = g.sum((0, 2, 3))
+        return gx, gw, gb, None, None
+
+class DepthwiseConv2d(nn.Conv2d):
+    """A depthwise `nn.Conv2d` (groups = in = out channels, k×k, k in `DEPTHWISE_KERNEL_SIZES`) whose weight gradient
+    on a CPU comes from the compiled kernel of eq 15.9; elsewhere (GPU, no gradient, autocast, float64, no compiler)
+    it is the plain convolution. `same_pad` pads like timm's `Conv2dSame` (TensorFlow's 'SAME')."""
+    def __init__(self, *args, same_pad: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.same_pad = same_pad
+
+    def _compiled(self, x: Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and torch.is_grad_enabled()
+                and self.weight.requires_grad and not _cpu_autocast() and depthwise_extension() is not None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        padding = self.padding
+        if self.same_pad:
+            from timm.layers import pad_same
+            x, padding = pad_same(x, self.kernel_size, self.stride, self.dilation), (0, 0)
+        if self._compiled(x): return _DepthwiseConv2dFn.apply(x, self.weight, self.bias, self.stride, padding)
+        return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+def use_depthwise_kernel(model: nn.Module) -> int:
+    """Replace every trainable depthwise convolution of `model` that the kernel covers (k×k with k in
+    `DEPTHWISE_KERNEL_SIZES`, equal strides, dilation 1, zero padding) by a `DepthwiseConv2d` holding the same
+    parameters; frozen ones are left alone. Returns how many were replaced; the state dict does not change."""
+    from timm.layers import Conv2dSame
+    swaps = []
+    for parent in model.modules():
+        for name, m in parent.named_children():
+            if (type(m) in (nn.Conv2d, Conv2dSame) and m.groups == m.in_channels == m.out_channels and m.weight.requires_grad
+                    and m.kernel_size[0] == m.kernel_size[1] in DEPTHWISE_KERNEL_SIZES and m.stride[0] == m.stride[1]
+                    and m.dilation == (1, 1) and m.padding_mode == "zeros" and isinstance(m.padding, tuple)):
+                swaps.append((parent, name, m))
+    for parent, name, m in swaps:
+        new = DepthwiseConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                              bias=m.bias is not None, device="meta", same_pad=isinstance(m, Conv2dSame))
+        new.weight, new.bias = m.weight, m.bias
+        new.train(m.training)
+        setattr(parent, name, new)
+    return len(swaps)
+
 # %% ../nbs/15_classifier.ipynb #6b8324b2
 @torch.inference_mode()
 def predict_proba(model: nn.Module, images, mean: Sequence[float], std: Sequence[float], batch_size: int | None = None,
@@ -801,6 +970,7 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
         else: data = (x, y)
         loss_fn = (cached_trunk_loss_fn(cache_trunk, weight, label_smoothing, feature_crop, feature_cutmix) if cache_trunk
                    else classifier_loss_fn(mean, std, weight, label_smoothing, augment))
+        if get_device(device).type == "cpu": use_depthwise_kernel(model)     # eq 15.9's compiled weight gradient
         best = max(history, key=lambda h: h["balanced_accuracy"]) if history else None
         best_state = torch.load(best_path, map_location="cpu", weights_only=True) if best and best_path.is_file() else None
         res, seconds = None, spent

@@ -348,6 +348,7 @@ def _tiny_fit(ckpt_dir, steps=6, stop_first=None):
     if stop_first is not None:                                          # simulate an interrupted run
         torch.manual_seed(0)
         m = clf.create_classifier(3, pretrained=False)
+        clf.use_depthwise_kernel(m)                                     # as train_classifier does on a CPU
         loss_fn = clf.classifier_loss_fn([0.5] * 3, [0.5] * 3, clf.class_weights(y, 3), 0.1, clf.Augment())
         meta = dict(task="classifier", arch=clf.LITE0_ARCH, classes=["a", "b", "c"], image_size=32, mean=[0.5] * 3,
                     std=[0.5] * 3, imbalance="sqrt", label_smoothing=0.1,
@@ -655,3 +656,69 @@ def test_feature_cutmix():
     expect = lam*F.cross_entropy(logits, y) + (1 - lam)*F.cross_entropy(logits, y[perm])
     assert torch.allclose(mixed, expect, atol=1e-5)
     _check_cached_option("feature_cutmix", 0.5, (-0.1, 1.5, True), r"feature_cutmix=.*expected a probability")
+
+
+# ---------------------------------------------------------------- the compiled depthwise weight gradient (eq 15.9)
+
+def _needs_compiler():
+    import shutil
+    if not (shutil.which("c++") or shutil.which("g++")): pytest.skip("no C++ compiler: the kernel cannot be built here")
+    assert clf.depthwise_extension() is not None, "a compiler is present, so the kernel must build"
+
+
+@pytest.mark.parametrize("k,stride,padding,same,C,H", [(5, 1, 2, False, 32, 9), (5, 2, 0, True, 20, 11), (3, 1, 1, False, 37, 8),
+                                                       (3, 2, 0, True, 16, 10), (5, 1, 0, False, 48, 7), (3, 2, 1, False, 5, 6)])
+def test_depthwise_gradients_match_autograd(k, stride, padding, same, C, H):
+    "Input, weight and bias gradients of DepthwiseConv2d equal float64 autograd of the plain convolution (tails of C % 16 too)."
+    _needs_compiler()
+    torch.manual_seed(k*100 + C)
+    conv = clf.DepthwiseConv2d(C, C, k, stride, padding, groups=C, bias=True, same_pad=same)
+    x = torch.randn(3, C, H, H + 1).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = conv(x)
+    g = torch.randn_like(out)
+    out.backward(g)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, conv.weight, conv.bias))
+    xp = x64
+    if same:
+        from timm.layers import pad_same
+        xp, padding = pad_same(x64, conv.kernel_size, conv.stride, conv.dilation), 0
+    ref = F.conv2d(xp, w64, b64, stride, padding, 1, C)
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+    ref.backward(g.double())
+    for got, want in ((x.grad, x64.grad), (conv.weight.grad, w64.grad), (conv.bias.grad, b64.grad)):
+        assert got.shape == want.shape and torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5*float(want.abs().max()))
+
+
+def test_use_depthwise_kernel_swaps_the_trainable_layers_only():
+    "Frozen layers stay; the state dict and the outputs are unchanged; a training step gives PyTorch's gradients."
+    _needs_compiler()
+    import copy
+    plain = clf.freeze_stages(clf.create_classifier(7, pretrained=False, drop_rate=0.0), 2)
+    model = copy.deepcopy(plain)
+    dw = lambda m: [(n, c) for n, c in m.named_modules() if isinstance(c, torch.nn.Conv2d) and c.groups == c.in_channels > 1]
+    trainable = [n for n, c in dw(plain) if c.weight.requires_grad]
+    assert clf.use_depthwise_kernel(model) == len(trainable) > 0
+    assert [n for n, c in dw(model) if isinstance(c, clf.DepthwiseConv2d)] == trainable
+    assert all(type(c) is not clf.DepthwiseConv2d for n, c in dw(model) if n not in trainable)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(): assert torch.equal(model.eval()(x), plain.eval()(x))      # no gradient: the plain convolution
+    for m in (plain, model): m.train()(x).logsumexp(1).sum().backward()
+    for (name, p0), p1 in zip(plain.named_parameters(), model.parameters()):
+        if p0.requires_grad: assert torch.allclose(p1.grad, p0.grad, rtol=1e-3, atol=1e-4*float(p0.grad.abs().max())), name
+
+
+def test_depthwise_kernel_falls_back_without_a_compiler(monkeypatch):
+    "A failed build warns once and returns None; the layers then use PyTorch's gradient, with the same numbers."
+    import torch.utils.cpp_extension as cpp
+    def no_compiler(*a, **kw): raise RuntimeError("Error building extension: c++: not found")
+    monkeypatch.setattr(cpp, "load_inline", no_compiler)
+    monkeypatch.setattr(clf, "_depthwise", dict(ext=None, error=None))
+    with pytest.warns(UserWarning, match="could not be built.*c\\+\\+: not found"): assert clf.depthwise_extension() is None
+    assert clf.depthwise_extension() is None          # no second try, no second warning
+    conv = clf.DepthwiseConv2d(8, 8, 5, 1, 2, groups=8, bias=False)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    conv(x).square().sum().backward()
+    w = conv.weight.detach().clone().requires_grad_()
+    F.conv2d(x.detach(), w, None, 1, 2, 1, 8).square().sum().backward()
+    assert torch.allclose(conv.weight.grad, w.grad, rtol=1e-5, atol=1e-6)
