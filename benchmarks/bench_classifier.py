@@ -14,6 +14,8 @@ frozen count, training above the frozen trunk on cached features (`train_classif
 step runs only the head on one cached view per image; the cache itself is built once, at the `cache img/s` rate
 (images × 8 views per second), which the table also prints. `--archs tf_efficientnet_lite0 tf_efficientnet_lite2`
 measures both networks in one run and prints each row's training speed also as a ratio to the first arch's.
+On a CPU the model uses the compiled depthwise weight gradient, as `train_classifier` does (eq 15.9, chapter 15);
+`--no-dw-kernel` measures PyTorch's own (`benchmarks/bench_depthwise.py` compares the two in one run).
 """
 from __future__ import annotations
 import argparse, json, statistics, time
@@ -25,7 +27,7 @@ WARMUP_ITERS = 1
 
 
 def measure(size: int, device: str, batch: int, iters: int, threads: int, freeze: int = 0, cached: bool = False,
-            arch: str = "tf_efficientnet_lite0") -> dict:
+            arch: str = "tf_efficientnet_lite0", dw_kernel: bool = True) -> dict:
     "Median seconds per training step and per inference batch at `size` px, and peak memory."
     import torch
     from skindiff import classifier as clf
@@ -33,6 +35,7 @@ def measure(size: int, device: str, batch: int, iters: int, threads: int, freeze
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = clf.freeze_stages(clf.create_classifier(NUM_CLASSES, arch), freeze).to(device).to(memory_format=torch.channels_last)
+    if dw_kernel and device == "cpu": clf.use_depthwise_kernel(model)          # what train_classifier does on a CPU
     mean, std = clf.normalisation(arch)
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     y = torch.arange(batch, device=device) % NUM_CLASSES
@@ -82,12 +85,13 @@ def main(argv=None):
     ap.add_argument("--freeze", type=int, nargs="+", default=[0], help="frozen early stages to measure (0 = none)")
     ap.add_argument("--archs", nargs="+", default=["tf_efficientnet_lite0"], help="EfficientNet-Lites with offline weights")
     ap.add_argument("--cached", action="store_true", help="also measure training on cached trunk features for each freeze > 0")
+    ap.add_argument("--no-dw-kernel", action="store_true", help="PyTorch's depthwise weight gradient instead of the compiled one")
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--_one", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_cached", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._one is not None:
-        print(json.dumps(measure(a._one, a.device, a.batch, a.iters, a.threads, a.freeze[0], a._cached, a.archs[0]))); return
+        print(json.dumps(measure(a._one, a.device, a.batch, a.iters, a.threads, a.freeze[0], a._cached, a.archs[0], not a.no_dw_kernel))); return
     from skindiff.classifier import LITE_WEIGHTS
     bad = [x for x in a.archs if x not in LITE_WEIGHTS]
     if bad: ap.error(f"--archs {bad}: expected names from {sorted(LITE_WEIGHTS)}")
@@ -97,9 +101,11 @@ def main(argv=None):
             for f in a.freeze:
                 for c in (False, True) if a.cached and f > 0 else (False,):
                     rows.append(run_worker(__file__, ["--_one", str(s), "--device", a.device, "--batch", str(a.batch), "--iters", str(a.iters),
-                                                      "--threads", str(a.threads), "--freeze", str(f), "--archs", arch] + (["--_cached"] if c else []),
+                                                      "--threads", str(a.threads), "--freeze", str(f), "--archs", arch] + (["--_cached"] if c else [])
+                                                     + (["--no-dw-kernel"] if a.no_dw_kernel else []),
                                            f"{arch}, size {s}, freeze {f}{', cached' if c else ''}"))
-    print(f"{NUM_CLASSES} classes, batch {a.batch}, device {a.device}, {a.threads} threads")
+    print(f"{NUM_CLASSES} classes, batch {a.batch}, device {a.device}, {a.threads} threads"
+          + (f", {'PyTorch' if a.no_dw_kernel else 'compiled'} depthwise weight gradient" if a.device == "cpu" else ""))
     print(f"{'arch':>22} {'px':>5} {'freeze':>6} {'cached':>6} {'train img/s':>12} {'× unfrozen':>10} {'× ' + a.archs[0][-5:]:>10} "
           f"{'cache img/s':>12} {'infer img/s':>12} {'peak MiB':>10}")
     key = lambda r: (r["size"], r["freeze"], bool(r.get("cached")))

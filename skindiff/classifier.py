@@ -25,10 +25,10 @@ from .skin import SKIN_CLASSES, ISIC2018_COLUMNS      # label vocabulary; ISIC 2
 
 # %% auto #0
 __all__ = ['LITE0_ARCH', 'LITE0_STAGE_DEPTHS', 'CONVERTED_FORMAT', 'LITE_WEIGHTS', 'CPU_INFER_BATCH', 'GPU_INFER_BATCH',
-           'DIHEDRAL_VIEWS', 'LUMA', 'MAX_ZOOM', 'IMBALANCE_POWERS', 'DEPTHWISE_KERNEL_SIZES', 'ECE_BINS',
-           'TARGET_SPECIFICITY', 'CLASSIFIER_FORMAT', 'LiteWeights', 'WeightsError', 'lite_weight_file', 'stage_depths',
-           'lite_key', 'convert_lite_state_dict', 'pretrained_lite_path', 'normalisation', 'create_classifier',
-           'freeze_stages', 'layer_decay_groups', 'infer_batch', 'normalise', 'extract_features',
+           'DIHEDRAL_VIEWS', 'LUMA', 'MAX_ZOOM', 'IMBALANCE_POWERS', 'DEPTHWISE_KERNEL_SIZES', 'SLOW_DEPTHWISE_SIZES',
+           'ECE_BINS', 'TARGET_SPECIFICITY', 'CLASSIFIER_FORMAT', 'LiteWeights', 'WeightsError', 'lite_weight_file',
+           'stage_depths', 'lite_key', 'convert_lite_state_dict', 'pretrained_lite_path', 'normalisation',
+           'create_classifier', 'freeze_stages', 'layer_decay_groups', 'infer_batch', 'normalise', 'extract_features',
            'linear_probe_accuracy', 'Augment', 'dihedral_view', 'random_zoom', 'augment_batch', 'class_weights',
            'classifier_loss_fn', 'trunk_forward', 'head_forward', 'adapt_trunk_batchnorm', 'trunk_features',
            'random_feature_crop', 'feature_cutmix', 'cached_trunk_loss_fn', 'depthwise_extension', 'DepthwiseConv2d',
@@ -478,6 +478,7 @@ def cached_trunk_loss_fn(n: int, weight: Tensor | None = None, label_smoothing: 
 
 # %% ../nbs/15_classifier.ipynb #9bce66fc
 DEPTHWISE_KERNEL_SIZES = (3, 5)          # k of the compiled weight gradient (EfficientNet's depthwise filters)
+SLOW_DEPTHWISE_SIZES = (5,)              # k where PyTorch's CPU weight gradient is slow (3×3: on par; bench_depthwise.py)
 _DEPTHWISE_SRC = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -624,16 +625,18 @@ class DepthwiseConv2d(nn.Conv2d):
         if self._compiled(x): return _DepthwiseConv2dFn.apply(x, self.weight, self.bias, self.stride, padding)
         return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
-def use_depthwise_kernel(model: nn.Module) -> int:
-    """Replace every trainable depthwise convolution of `model` that the kernel covers (k×k with k in
-    `DEPTHWISE_KERNEL_SIZES`, equal strides, dilation 1, zero padding) by a `DepthwiseConv2d` holding the same
+def use_depthwise_kernel(model: nn.Module, kernel_sizes: Sequence[int] = SLOW_DEPTHWISE_SIZES) -> int:
+    """Replace every trainable depthwise convolution of `model` with a k×k filter, k in `kernel_sizes` (a subset of
+    `DEPTHWISE_KERNEL_SIZES`), equal strides, dilation 1 and zero padding, by a `DepthwiseConv2d` holding the same
     parameters; frozen ones are left alone. Returns how many were replaced; the state dict does not change."""
+    bad = sorted(set(kernel_sizes) - set(DEPTHWISE_KERNEL_SIZES))
+    if bad: raise ConfigError(f"kernel_sizes={list(kernel_sizes)}: the compiled weight gradient has k in {list(DEPTHWISE_KERNEL_SIZES)}")
     from timm.layers import Conv2dSame
     swaps = []
     for parent in model.modules():
         for name, m in parent.named_children():
             if (type(m) in (nn.Conv2d, Conv2dSame) and m.groups == m.in_channels == m.out_channels and m.weight.requires_grad
-                    and m.kernel_size[0] == m.kernel_size[1] in DEPTHWISE_KERNEL_SIZES and m.stride[0] == m.stride[1]
+                    and m.kernel_size[0] == m.kernel_size[1] in kernel_sizes and m.stride[0] == m.stride[1]
                     and m.dilation == (1, 1) and m.padding_mode == "zeros" and isinstance(m.padding, tuple)):
                 swaps.append((parent, name, m))
     for parent, name, m in swaps:

@@ -697,8 +697,11 @@ def test_use_depthwise_kernel_swaps_the_trainable_layers_only():
     model = copy.deepcopy(plain)
     dw = lambda m: [(n, c) for n, c in m.named_modules() if isinstance(c, torch.nn.Conv2d) and c.groups == c.in_channels > 1]
     trainable = [n for n, c in dw(plain) if c.weight.requires_grad]
-    assert clf.use_depthwise_kernel(model) == len(trainable) > 0
+    five = [n for n, c in dw(plain) if c.weight.requires_grad and c.kernel_size == (5, 5)]
+    assert clf.use_depthwise_kernel(copy.deepcopy(plain)) == len(five) > 0      # by default the 5×5 layers only
+    assert clf.use_depthwise_kernel(model, clf.DEPTHWISE_KERNEL_SIZES) == len(trainable) > len(five)
     assert [n for n, c in dw(model) if isinstance(c, clf.DepthwiseConv2d)] == trainable
+    with pytest.raises(ConfigError, match="kernel_sizes"): clf.use_depthwise_kernel(plain, (7,))
     assert all(type(c) is not clf.DepthwiseConv2d for n, c in dw(model) if n not in trainable)
     assert list(model.state_dict()) == list(plain.state_dict())
     x = torch.randn(2, 3, 64, 64)
