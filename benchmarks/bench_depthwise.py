@@ -48,7 +48,8 @@ def main(argv=None):
                 (tuple(i[0].shape), m.kernel_size[0], m.stride[0], type(m).__name__), []).append(m)))
     with torch.no_grad(): clf.head_forward(model.train(), h, a.freeze)
     for hk in hooks: hk.remove()
-    print(f"{a.arch} at {a.size} px, freeze {a.freeze}, batch {a.batch}, {a.threads} threads: {n_swapped} trainable depthwise layers")
+    print(f"{a.arch} at {a.size} px, freeze {a.freeze}, batch {a.batch}, {a.threads} threads: {sum(map(len, shapes.values()))} trainable "
+          f"depthwise layers, of which training swaps {n_swapped} (k in {clf.SLOW_DEPTHWISE_SIZES}) for the compiled gradient")
     print(f"{'input N×C×H×W':>20} {'k':>2} {'s':>2} {'layers':>6} {'forward ms':>11} {'PyTorch dW ms':>14} {'compiled dW ms':>15} {'× faster':>9}")
     tot_ref = tot_new = 0.0
     for (shape, k, s, kind), ms in shapes.items():
