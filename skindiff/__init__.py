@@ -3,7 +3,7 @@
 Modules:
 
 - `skindiff.cifar_ddpm`: The proposal's intermediate step between MNIST and skin lesions: the same U-Net, training loop and samplers on 32×32 colour images, measured the way the field measures generators, with FID (eq 2.15) and IS (eq 2.14).
-- `skindiff.classifier`: EfficientNet-Lite0 (and Lite1, Lite2) with ImageNet weights loaded offline, fine-tuned through the shared training loop with class weights, label smoothing and dermoscopy augmentation, selected on validation balanced accuracy, and measured the way the ISIC challenge measures it — with bootstrap confidence intervals.
+- `skindiff.classifier`: EfficientNet-Lite0 (and Lite1, Lite2) with ImageNet weights loaded offline, fine-tuned through the shared training loop with class weights, label smoothing and dermoscopy augmentation, selected on validation balanced accuracy, and measured the way the ISIC challenge measures it — with bootstrap confidence intervals — and calibrated by temperature scaling.
 - `skindiff.ddpm`: The denoising objective L_simple (eq 2.5) with ε, x0 or v targets, label dropout for classifier-free guidance, and converters between the three parameterisations.
 - `skindiff.evaluator`: A Fréchet distance that is exact for singular covariances (eq 2.15), a small MNIST classifier trained once and cached, and `MnistEvaluator`: confidence, class balance and classifier-FID of a batch of samples.
 - `skindiff.guidance`: Objective 2 of the proposal: a DDPM that generates dermoscopic lesions of a chosen class, steered by classifier-free guidance, measured per class, and able to generate variants *near a given lesion* (SDEdit), which the adversarial loop of chapter 19 will use on the classifier's hard cases.

@@ -1,6 +1,7 @@
 """EfficientNet-Lite0 (and Lite1, Lite2) with ImageNet weights loaded offline, fine-tuned through the shared training loop with
 class weights, label smoothing and dermoscopy augmentation, selected on validation balanced accuracy, and
-measured the way the ISIC challenge measures it — with bootstrap confidence intervals.
+measured the way the ISIC challenge measures it — with bootstrap confidence intervals — and calibrated by
+temperature scaling.
 
 Docs: https://skindiff.github.io/skindiff/classifier.html.md"""
 
@@ -26,17 +27,18 @@ from .skin import SKIN_CLASSES, ISIC2018_COLUMNS      # label vocabulary; ISIC 2
 # %% auto #0
 __all__ = ['LITE0_ARCH', 'LITE0_STAGE_DEPTHS', 'CONVERTED_FORMAT', 'LITE_WEIGHTS', 'CPU_INFER_BATCH', 'GPU_INFER_BATCH',
            'DIHEDRAL_VIEWS', 'LUMA', 'MAX_ZOOM', 'IMBALANCE_POWERS', 'DEPTHWISE_KERNEL_SIZES', 'SLOW_DEPTHWISE_SIZES',
-           'ECE_BINS', 'TARGET_SPECIFICITY', 'CLASSIFIER_FORMAT', 'LiteWeights', 'WeightsError', 'lite_weight_file',
-           'stage_depths', 'lite_key', 'convert_lite_state_dict', 'pretrained_lite_path', 'normalisation',
-           'create_classifier', 'freeze_stages', 'layer_decay_groups', 'infer_batch', 'normalise', 'extract_features',
-           'linear_probe_accuracy', 'Augment', 'dihedral_view', 'random_zoom', 'augment_batch', 'class_weights',
-           'classifier_loss_fn', 'trunk_forward', 'head_forward', 'adapt_trunk_batchnorm', 'trunk_features',
-           'random_feature_crop', 'feature_cutmix', 'cached_trunk_loss_fn', 'depthwise_extension', 'DepthwiseConv2d',
-           'use_depthwise_kernel', 'predict_proba', 'confusion_matrix', 'roc_curve', 'roc_auc',
-           'sensitivity_at_specificity', 'reliability_bins', 'expected_calibration_error', 'classification_metrics',
-           'bootstrap_ci', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability', 'prediction_columns',
-           'write_predictions_csv', 'evaluate', 'metrics_table', 'ClassifierTrainResult', 'train_classifier',
-           'EnsembleClassifier', 'save_classifier', 'load_classifier', 'evaluate_checkpoint', 'predict']
+           'ECE_BINS', 'TARGET_SPECIFICITY', 'TEMPERATURE_BOUNDS', 'NLL_FLOOR', 'CLASSIFIER_FORMAT', 'LiteWeights',
+           'WeightsError', 'lite_weight_file', 'stage_depths', 'lite_key', 'convert_lite_state_dict',
+           'pretrained_lite_path', 'normalisation', 'create_classifier', 'freeze_stages', 'layer_decay_groups',
+           'infer_batch', 'normalise', 'extract_features', 'linear_probe_accuracy', 'Augment', 'dihedral_view',
+           'random_zoom', 'augment_batch', 'class_weights', 'classifier_loss_fn', 'trunk_forward', 'head_forward',
+           'adapt_trunk_batchnorm', 'trunk_features', 'random_feature_crop', 'feature_cutmix', 'cached_trunk_loss_fn',
+           'depthwise_extension', 'DepthwiseConv2d', 'use_depthwise_kernel', 'predict_proba', 'confusion_matrix',
+           'roc_curve', 'roc_auc', 'sensitivity_at_specificity', 'reliability_bins', 'expected_calibration_error',
+           'classification_metrics', 'bootstrap_ci', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability',
+           'prediction_columns', 'write_predictions_csv', 'evaluate', 'metrics_table', 'mean_nll', 'temperature_scale',
+           'fit_temperature', 'ClassifierTrainResult', 'train_classifier', 'EnsembleClassifier', 'save_classifier',
+           'load_classifier', 'evaluate_checkpoint', 'predict']
 
 # %% ../nbs/15_classifier.ipynb #aca8e2e5
 LITE0_ARCH = "tf_efficientnet_lite0"
@@ -882,6 +884,51 @@ def metrics_table(m: dict) -> str:
         return f"{k:34s} {v:7.4f}" + (f"   [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else "")
     return "\n".join([f"{'metric':34s} {'value':>7s}   95% CI (n={m['n']})"] + [fmt(k, m[k]) for k in rows if isinstance(m.get(k), float)])
 
+# %% ../nbs/15_classifier.ipynb #c0459cb6
+TEMPERATURE_BOUNDS = (0.05, 20.0)       # the temperatures T that fit_temperature searches
+NLL_FLOOR = 1e-12                       # probabilities are floored here before the log
+_GOLDEN = (math.sqrt(5) - 1)/2          # golden-section ratio
+
+def _check_temperature(t, name: str = "temperature") -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise ConfigError(f"{name}={t!r}: expected a finite temperature T > 0 (T = 1 keeps the probabilities as they are)")
+    return float(t)
+
+def mean_nll(labels, probs) -> float:
+    "Mean negative log-likelihood −(1/N) Σ_i log p_{i,y_i} in nats of probabilities `probs` N×C (floored at 1e-12)."
+    y, p = _check_predictions(labels, probs)
+    return float(-np.log(np.clip(p[np.arange(len(y)), y], NLL_FLOOR, None)).mean())
+
+def temperature_scale(probs, temperature: float) -> Tensor:
+    "softmax(log p / T) (eq 15.10) of probabilities N×C, float32: T > 1 softens, T < 1 sharpens, the argmax stays."
+    T = _check_temperature(temperature)
+    logp = torch.as_tensor(probs, dtype=torch.float64).clamp_min(NLL_FLOOR).log()
+    return (logp/T).softmax(-1).float()
+
+def fit_temperature(labels, probs, bounds: tuple[float, float] = TEMPERATURE_BOUNDS, tol: float = 1e-5) -> float:
+    """T* of eq 15.10: the temperature in `bounds` that minimises the mean NLL of `temperature_scale(probs, T)` on
+    held-out (`labels`, `probs` N×C), by golden-section search over β = 1/T, where the NLL is convex; `tol` is the
+    width in β at which the search stops. Returns 1 when no T it finds beats the probabilities as they are."""
+    y, p = _check_predictions(labels, probs)
+    if not isinstance(bounds, (tuple, list)) or len(bounds) != 2: raise ConfigError(f"bounds={bounds!r}: expected (T_min, T_max)")
+    t_lo, t_hi = (_check_temperature(b, "bounds") for b in bounds)
+    if not t_lo < 1 < t_hi: raise ConfigError(f"bounds={tuple(bounds)}: expected T_min < 1 < T_max")
+    logp = np.log(np.clip(p, NLL_FLOOR, None))
+    rows = np.arange(len(y))
+    def nll(beta: float) -> float:                     # mean of −β log p_iy + log Σ_k exp(β log p_ik)
+        z = beta*logp
+        zmax = z.max(1)
+        return float((np.log(np.exp(z - zmax[:, None]).sum(1)) + zmax - z[rows, y]).mean())
+    a, b = 1/t_hi, 1/t_lo
+    c, d = b - _GOLDEN*(b - a), a + _GOLDEN*(b - a)
+    fc, fd = nll(c), nll(d)
+    while b - a > tol:
+        if fc <= fd: b, d, fd = d, c, fc; c = b - _GOLDEN*(b - a); fc = nll(c)
+        else: a, c, fc = c, d, fd; d = a + _GOLDEN*(b - a); fd = nll(d)
+    beta = (a + b)/2
+    return 1/beta if nll(beta) < nll(1.0) else 1.0
+
+
 # %% ../nbs/15_classifier.ipynb #415030e0
 CLASSIFIER_FORMAT = "skindiff-classifier-v1"
 
@@ -1026,10 +1073,12 @@ class EnsembleClassifier(nn.Module):
 def save_classifier(model: nn.Module, path: str | os.PathLike, meta: dict) -> Path:
     """Save `model` with `meta` (needs arch, classes, image_size, mean, std; more keys are kept) atomically to `path`.
     An `EnsembleClassifier` is saved whole, with its member count as `meta['ensemble']`; members of other
-    architectures than `meta['arch']` are named one per member in `meta['member_archs']`."""
+    architectures than `meta['arch']` are named one per member in `meta['member_archs']`. `meta['temperature']`, when
+    given, is the calibration T of eq 15.10 that `evaluate_checkpoint` and `predict` apply."""
     need = ("arch", "classes", "image_size", "mean", "std")
     missing = [k for k in need if k not in meta]
     if missing: raise ConfigError(f"meta: missing {missing}; expected at least {list(need)}")
+    if "temperature" in meta: _check_temperature(meta["temperature"], "meta['temperature']")
     if isinstance(model, EnsembleClassifier):
         archs = meta.get("member_archs")
         if archs is not None and (not isinstance(archs, (list, tuple)) or len(archs) != len(model.members)):
@@ -1055,6 +1104,9 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
         raise CheckpointError(f"{path}: meta 'ensemble' is {k!r}, expected a member count >= 1")
     archs = meta.get("member_archs") or [meta["arch"]]*(k or 1)
     if len(archs) != (k or 1): raise CheckpointError(f"{path}: meta 'member_archs' names {len(archs)} networks for {k} members")
+    if "temperature" in meta:
+        try: _check_temperature(meta["temperature"], "meta['temperature']")
+        except ConfigError as e: raise CheckpointError(f"{path}: {e}") from None
     make = lambda arch: create_classifier(len(meta["classes"]), arch, pretrained=False)
     model = make(archs[0]) if k is None else EnsembleClassifier([make(a) for a in archs])
     try: model.load_state_dict(state)
@@ -1063,9 +1115,12 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
 
 def evaluate_checkpoint(ckpt: str | os.PathLike, images, labels, image_ids: Sequence[str], out_dir: str | os.PathLike | None,
                         class_names: Sequence[str], groups=None, tta: bool = False, n_boot: int = 1000, seed: int = 0,
-                        device: str | torch.device | None = None, batch_size: int | None = None, progress: bool = False) -> dict:
+                        device: str | torch.device | None = None, batch_size: int | None = None, progress: bool = False,
+                        calibrated: bool = True) -> dict:
     """Evaluate the classifier `ckpt` on uint8 `images` N×3×H×W with `labels` indexing `class_names`; writes
-    predictions.csv, metrics.json and figures to `out_dir` (see `evaluate`). Images of another size are resized."""
+    predictions.csv, metrics.json and figures to `out_dir` (see `evaluate`). Images of another size are resized. The
+    probabilities are temperature-scaled (eq 15.10) by the file's `meta['temperature']` unless `calibrated` is False;
+    the metrics record the `temperature` used."""
     model, meta = load_classifier(ckpt, device=get_device(device))
     if list(meta["classes"]) != list(class_names):
         raise SkindiffError(f"{ckpt} was trained on classes {list(meta['classes'])}, but the data has classes {list(class_names)}; "
@@ -1076,13 +1131,16 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, images, labels, image_ids: Sequ
         from skindiff.data import resize_images
         x = resize_images(x, int(meta["image_size"]))
     p = predict_proba(model, x, meta["mean"], meta["std"], batch_size, tta, device, progress)
+    T = float(meta.get("temperature", 1.0)) if calibrated else 1.0
+    if T != 1.0: p = temperature_scale(p, T)
     return evaluate(p, labels, image_ids, class_names, out_dir, groups, n_boot=n_boot, seed=seed,
-                    extra=dict(checkpoint=str(ckpt), arch=meta["arch"], image_size=int(meta["image_size"]), tta=tta,
+                    extra=dict(checkpoint=str(ckpt), arch=meta["arch"], image_size=int(meta["image_size"]), tta=tta, temperature=T,
                                resized_from=list(images.shape[-2:]) if resized else None))
 
 def predict(ckpt: str | os.PathLike, image_paths: Sequence[str | os.PathLike], k: int = 3, tta: bool = False,
-            device: str | torch.device | None = None) -> list[dict]:
-    "Top-`k` classes with probabilities for each image file: `[{'image': path, 'top': [(class, prob), ...]}, ...]`."
+            device: str | torch.device | None = None, calibrated: bool = True) -> list[dict]:
+    """Top-`k` classes with probabilities for each image file: `[{'image': path, 'top': [(class, prob), ...]}, ...]`;
+    the probabilities are temperature-scaled by the file's `meta['temperature']` (eq 15.10) unless `calibrated` is False."""
     from skindiff.data import read_image, fit_image
     model, meta = load_classifier(ckpt, device=get_device(device))
     classes = list(meta["classes"])
@@ -1091,6 +1149,7 @@ def predict(ckpt: str | os.PathLike, image_paths: Sequence[str | os.PathLike], k
     size = int(meta["image_size"])
     x = torch.from_numpy(np.stack([np.asarray(fit_image(read_image(p), size, "crop")) for p in image_paths])).permute(0, 3, 1, 2).contiguous()
     p = predict_proba(model, x, meta["mean"], meta["std"], tta=tta, device=device)
+    if calibrated and float(meta.get("temperature", 1.0)) != 1.0: p = temperature_scale(p, float(meta["temperature"]))
     top = p.topk(k, dim=1)
     return [dict(image=str(path), top=[(classes[int(c)], float(v)) for v, c in zip(vals, idx)])
             for path, vals, idx in zip(image_paths, top.values, top.indices)]

@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split-csv", help="split CSV written by the study (runs/NAME/splits/*.csv) that assigns the splits")
     e.add_argument("--out", help="folder for metrics.json, predictions.csv and figures (default: skindiff-eval/<model>-<data>)")
     e.add_argument("--tta", action="store_true", help="average the 8 flips/rotations (test-time augmentation)")
+    e.add_argument("--uncalibrated", action="store_true",
+                   help="score the raw probabilities, without the model's calibration temperature (eq 15.10)")
     e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (default: 1000)")
     e.add_argument("--device", help="cpu, cuda or cuda:N")
     r = sub.add_parser("predict", help="top-k classes of lesion images", description="Print the top-k classes with probabilities.")
@@ -47,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     r.add_argument("-k", type=int, default=3, help="how many classes to print (default: 3)")
     r.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
+    r.add_argument("--uncalibrated", action="store_true", help="print the raw probabilities, without the model's calibration temperature")
     r.add_argument("--device", help="cpu, cuda or cuda:N")
     d = sub.add_parser("download", help="download a skin dataset (needs the internet)",
                        description="Download, verify (size and checksum) and unpack a dataset; nothing is left half-written.")
@@ -89,9 +92,11 @@ def _evaluate(args) -> None:
     _, meta = load_classifier(args.model)
     x, y, ids, groups, what = evaluation_data(args.data, args.format, int(meta["image_size"]), args.split, args.split_csv)
     out = Path(args.out) if args.out else Path("skindiff-eval")/f"{Path(args.model).stem}-{Path(args.data).name}"
-    print(f"evaluating {args.model} ({meta['arch']}, {meta['image_size']} px) on {what}", flush=True)
+    T = meta.get("temperature")
+    cal = ("; raw probabilities (--uncalibrated)" if args.uncalibrated else f"; probabilities calibrated with T = {T:.3f}") if T else ""
+    print(f"evaluating {args.model} ({meta['arch']}, {meta['image_size']} px) on {what}{cal}", flush=True)
     m = evaluate_checkpoint(args.model, x, y, ids, out, list(SKIN_CLASSES), groups=groups, tta=args.tta,
-                            n_boot=args.n_boot, device=args.device)
+                            n_boot=args.n_boot, device=args.device, calibrated=not args.uncalibrated)
     print(metrics_table(m))
     print(f"wrote {out}/metrics.json, {out}/predictions.csv (ISIC 2018 Task 3 format) and figures")
 
@@ -99,7 +104,7 @@ def _predict(args) -> None:
     from skindiff.classifier import predict
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing: raise ConfigError(f"IMAGE: {missing[0]} does not exist" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    for row in predict(args.model, args.images, k=args.k, tta=args.tta, device=args.device):
+    for row in predict(args.model, args.images, k=args.k, tta=args.tta, device=args.device, calibrated=not args.uncalibrated):
         print(f"{row['image']}: " + ", ".join(f"{c} {p:.3f}" for c, p in row["top"]))
 
 def _download(args) -> None:

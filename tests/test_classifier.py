@@ -725,3 +725,64 @@ def test_depthwise_kernel_falls_back_without_a_compiler(monkeypatch):
     w = conv.weight.detach().clone().requires_grad_()
     F.conv2d(x.detach(), w, None, 1, 2, 1, 8).square().sum().backward()
     assert torch.allclose(conv.weight.grad, w.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    g = torch.Generator().manual_seed(0)
+    z = 2 * torch.randn(8000, 4, generator=g)
+    y = torch.multinomial(z.softmax(1), 1, generator=g).squeeze(1)       # softmax(z) is calibrated for these labels
+    for t in (0.25, 0.5, 1.0, 3.0):
+        p = (z / t).softmax(1)
+        T = clf.fit_temperature(y, p)
+        assert T * t == pytest.approx(1, abs=0.05), (t, T)
+        q = clf.temperature_scale(p, T)
+        assert torch.equal(q.argmax(1), p.argmax(1)) and torch.allclose(q.sum(1), torch.ones(len(q)))
+        assert clf.mean_nll(y, q) <= clf.mean_nll(y, p) + 1e-12
+    # a temperature outside the bounds ends at the bound; T = 1 only when nothing beats it
+    p = (z / 0.01).softmax(1)
+    assert clf.fit_temperature(y, p, bounds=(0.5, 2.0)) == pytest.approx(2.0, rel=1e-3)
+    assert clf.fit_temperature(y, torch.full((len(y), 4), 0.25)) == 1.0   # uniform: every T gives the same NLL
+
+
+def test_temperature_bad_input():
+    p = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    for bad in (0, -2.0, float("inf"), float("nan"), True, "2"):
+        with pytest.raises(ConfigError, match="temperature"): clf.temperature_scale(p, bad)
+    with pytest.raises(ConfigError, match="T_min < 1 < T_max"): clf.fit_temperature([0, 1], p, bounds=(1.5, 3.0))
+    with pytest.raises(ConfigError, match="bounds"): clf.fit_temperature([0, 1], p, bounds=(0.5,))
+    with pytest.raises(ConfigError, match="labels"): clf.fit_temperature([0, 2], p)
+    with pytest.raises(ConfigError, match="N×C"): clf.mean_nll([0, 1, 1], p)
+
+
+def test_saved_temperature_is_applied_by_evaluate_and_predict(tmp_path):
+    x, y = _tiny_data(n=12)
+    torch.manual_seed(0)
+    m = clf.create_classifier(3, pretrained=False)
+    meta = dict(arch=clf.LITE0_ARCH, classes=["a", "b", "c"], image_size=32, mean=[0.5] * 3, std=[0.5] * 3)
+    with pytest.raises(ConfigError, match=r"meta\['temperature'\]"): clf.save_classifier(m, tmp_path/"bad.pt", meta | dict(temperature=0))
+    assert not (tmp_path/"bad.pt").exists()
+    T = 0.4
+    path = clf.save_classifier(m, tmp_path/"cal.pt", meta | dict(temperature=T))
+    p = clf.predict_proba(m, x, meta["mean"], meta["std"], device="cpu")
+    ids = [f"img{i}" for i in range(len(x))]
+    cal = clf.evaluate_checkpoint(path, x, y, ids, None, ["a", "b", "c"], n_boot=0)
+    raw = clf.evaluate_checkpoint(path, x, y, ids, None, ["a", "b", "c"], n_boot=0, calibrated=False)
+    assert cal["temperature"] == T and raw["temperature"] == 1.0 and cal["accuracy"] == raw["accuracy"]
+    assert cal["ece"] == pytest.approx(clf.expected_calibration_error(y, clf.temperature_scale(p, T)))
+    assert raw["ece"] == pytest.approx(clf.expected_calibration_error(y, p))
+
+    from PIL import Image
+    img = tmp_path/"im.png"
+    Image.fromarray(x[0].permute(1, 2, 0).numpy()).save(img)
+    top_cal = clf.predict(path, [img], k=3)[0]["top"]
+    top_raw = clf.predict(path, [img], k=3, calibrated=False)[0]["top"]
+    assert [c for c, _ in top_cal] == [c for c, _ in top_raw]
+    assert top_cal[0][1] > top_raw[0][1]                       # T < 1 sharpens: the top class gains probability
+    q = clf.temperature_scale(torch.tensor([[v for _, v in sorted(top_raw)]]), T)[0]
+    assert [v for _, v in sorted(top_cal)] == pytest.approx(q.tolist(), abs=1e-5)
+
+    # a file whose temperature was tampered with is refused on load
+    ck = torch.load(path, weights_only=True)
+    ck["meta"]["temperature"] = -1.0
+    torch.save(ck, tmp_path/"tampered.pt")
+    with pytest.raises(CheckpointError, match="temperature"): clf.load_classifier(tmp_path/"tampered.pt")

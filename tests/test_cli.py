@@ -79,3 +79,22 @@ def test_predict_missing_image_and_bad_model(tmp_path, capsys):
     from PIL import Image; Image.new("RGB", (40, 30), (120, 80, 60)).save(img)
     assert main(["predict", "--model", str(tmp_path/"bad.pt"), str(img)]) == EXIT_USAGE
     assert "bad.pt" in capsys.readouterr().err
+
+
+def test_predict_and_evaluate_apply_the_calibration_temperature(tmp_path, data_root, capsys):
+    torch.manual_seed(0)
+    m = create_classifier(len(SKIN_CLASSES), pretrained=False)
+    ckpt = save_classifier(m, tmp_path/"cal.pt", dict(arch="tf_efficientnet_lite0", classes=list(SKIN_CLASSES), image_size=SIZE,
+                                                      mean=[0.5] * 3, std=[0.5] * 3, temperature=0.3))
+    img = str(sorted((data_root/"ph2").rglob("*.jpg"))[0])
+    top = {}
+    for flag in ([], ["--uncalibrated"]):
+        assert main(["predict", "--model", str(ckpt), "-k", "1", *flag, img]) == 0
+        top[bool(flag)] = float(capsys.readouterr().out.strip().rsplit(" ", 1)[1])
+    assert top[False] > top[True]                  # T = 0.3 sharpens the top probability
+    for flag in ([], ["--uncalibrated"]):
+        out = tmp_path/f"eval{len(flag)}"
+        assert main(["evaluate", "--model", str(ckpt), "--data", str(data_root/"ph2"), "--out", str(out), "--n-boot", "0", *flag]) == 0
+        said = capsys.readouterr().out
+        assert json.loads((out/"metrics.json").read_text())["temperature"] == (1.0 if flag else 0.3)
+        assert ("raw probabilities" if flag else "calibrated with T = 0.300") in said
