@@ -1149,7 +1149,8 @@ def predict(ckpt: str | os.PathLike, image_paths: Sequence[str | os.PathLike], k
     size = int(meta["image_size"])
     x = torch.from_numpy(np.stack([np.asarray(fit_image(read_image(p), size, "crop")) for p in image_paths])).permute(0, 3, 1, 2).contiguous()
     p = predict_proba(model, x, meta["mean"], meta["std"], tta=tta, device=device)
-    if calibrated and float(meta.get("temperature", 1.0)) != 1.0: p = temperature_scale(p, float(meta["temperature"]))
+    T = float(meta.get("temperature", 1.0)) if calibrated else 1.0
+    if T != 1.0: p = temperature_scale(p, T)
     top = p.topk(k, dim=1)
     return [dict(image=str(path), top=[(classes[int(c)], float(v)) for v, c in zip(vals, idx)])
             for path, vals, idx in zip(image_paths, top.values, top.indices)]
