@@ -114,19 +114,17 @@ CHAPTERS: list[Chapter] = [
 ]
 
 # The lesion classifier of chapter 16. cpu: an ensemble of 2 EfficientNet-Lite2 at 128 px, stem + 2 stages frozen and
-# their output cached for the 8 dihedral views (eq 15.6, built once and shared), 1200 steps each; each member adds its
-# last EMA to its selected one (4 models). Sized for the 25-minute budget: a Lite2 head step costs 1.3× a Lite0 one
-# (0.45 s against 0.35 s at batch 64; the cache 161 s), so 2 × 1200 steps take about 1350 s. Measured on the
-# lesion-grouped test (accuracy / balanced accuracy / macro AUC, 8-view TTA; training seconds on 2 idle cores):
-# 112 px single Lite0, 1250 steps (792 s) 0.819 / 0.731, 2000 steps (1084 s) 0.808 / 0.744; 128 px Lite0 freeze=2
-# uncached, 2200 steps (1149 s) 0.826 / 0.692; 2 cached Lite0 members of 1600 steps with their last EMAs (1202 s)
-# 0.826 / 0.738 / 0.958; with layer decay 0.8 (1355 s) 0.795 / 0.715; 3 Lite0 members of 1300 steps on 28×28 crops of
-# the cached maps (1253 s) 0.812 / 0.741 / 0.939; one Lite2 member with its last EMA, 1600 steps (754 s + cache)
-# 0.831 / 0.757 / 0.933, another (seed 1, 1300 steps, 585 s) 0.813 / 0.728 / 0.928, the two together 0.827 / 0.752 / 0.936
-# (benchmarks/skin_recipes.py --arch tf_efficientnet_lite2). This profile: 1326 s, 0.831 / 0.761 / 0.940; with
-# --seed 1 (another split) 1402 s, 0.829 / 0.725 / 0.951; with --seed 2, 2561 s on a machine that ran
-# bench_classifier.py 1.75x slower, 0.832 / 0.696 / 0.940. The DermaMNIST model (Lite0, 64 px input) adds about 150 s.
-SKIN_CLASSIFIER_CPU = dict(image_size=128, max_images=None, arch="tf_efficientnet_lite2", train_steps=1200, batch_size=64, lr=1e-3,
+# their output cached for the 8 dihedral views (eq 15.6, built once and shared), 900 steps each; each member adds its
+# last EMA to its selected one (4 models). Sized for the 25-minute budget on this machine's slower days: 2 × 1200 steps
+# took 1326 s when benchmarks/bench_classifier.py ran the cached Lite2 step at 129 images/s, but 1750–2015 s on days
+# when bench_depthwise.py ran it at 92–109; 2 × 900 steps took 1294, 1450 and 1490 s at 105 (chapter 16's tables).
+# Measured on the lesion-grouped test (accuracy / balanced accuracy / macro AUC, 8-view TTA): 112 px single Lite0,
+# 1250 steps (792 s) 0.819 / 0.731; 2 cached Lite0 members of 1600 steps with their last EMAs (1202 s) 0.826 / 0.738 /
+# 0.958; one Lite2 member with its last EMA, 1600 steps (754 s + cache) 0.831 / 0.757 / 0.933
+# (benchmarks/skin_recipes.py --arch tf_efficientnet_lite2); 2 Lite2 members of 1200 steps, mean of --seed 0, 1, 2
+# 0.830 / 0.716 / 0.948 (chapter 16's runs); this profile, 900 steps, on the same three splits: 0.826 / 0.737 / 0.946.
+# The DermaMNIST model (Lite0, 64 px input) adds about 150 s.
+SKIN_CLASSIFIER_CPU = dict(image_size=128, max_images=None, arch="tf_efficientnet_lite2", train_steps=900, batch_size=64, lr=1e-3,
                            ema_decay=0.995, eval_every=300, n_boot=1000, freeze=2, cache_trunk=True, n_models=2, keep_last=True,
                            feature_crop=1.0, dm_input_size=64, dm_max_images=None, dm_train_steps=900, dm_batch_size=64,
                            dm_lr=1e-3, dm_eval_every=150, dm_ema_decay=0.995)
