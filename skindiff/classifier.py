@@ -38,7 +38,7 @@ __all__ = ['LITE0_ARCH', 'LITE0_STAGE_DEPTHS', 'CONVERTED_FORMAT', 'LITE_WEIGHTS
            'classification_metrics', 'bootstrap_ci', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability',
            'prediction_columns', 'write_predictions_csv', 'evaluate', 'metrics_table', 'mean_nll', 'temperature_scale',
            'fit_temperature', 'ClassifierTrainResult', 'train_classifier', 'EnsembleClassifier', 'save_classifier',
-           'load_classifier', 'evaluate_checkpoint', 'predict']
+           'load_classifier', 'classifier_inputs', 'evaluate_checkpoint', 'predict']
 
 # %% ../nbs/15_classifier.ipynb #aca8e2e5
 LITE0_ARCH = "tf_efficientnet_lite0"
@@ -1074,11 +1074,13 @@ def save_classifier(model: nn.Module, path: str | os.PathLike, meta: dict) -> Pa
     """Save `model` with `meta` (needs arch, classes, image_size, mean, std; more keys are kept) atomically to `path`.
     An `EnsembleClassifier` is saved whole, with its member count as `meta['ensemble']`; members of other
     architectures than `meta['arch']` are named one per member in `meta['member_archs']`. `meta['temperature']`, when
-    given, is the calibration T of eq 15.10 that `evaluate_checkpoint` and `predict` apply."""
+    given, is the calibration T of eq 15.10 that `evaluate_checkpoint` and `predict` apply; `meta['colour_constancy']`, when
+    not 0 or None, the p of eq 14.1 that the training images went through, which `classifier_inputs` repeats."""
     need = ("arch", "classes", "image_size", "mean", "std")
     missing = [k for k in need if k not in meta]
     if missing: raise ConfigError(f"meta: missing {missing}; expected at least {list(need)}")
     if "temperature" in meta: _check_temperature(meta["temperature"], "meta['temperature']")
+    if meta.get("colour_constancy"): _check_colour_constancy(meta["colour_constancy"])
     if isinstance(model, EnsembleClassifier):
         archs = meta.get("member_archs")
         if archs is not None and (not isinstance(archs, (list, tuple)) or len(archs) != len(model.members)):
@@ -1107,35 +1109,55 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
     if "temperature" in meta:
         try: _check_temperature(meta["temperature"], "meta['temperature']")
         except ConfigError as e: raise CheckpointError(f"{path}: {e}") from None
+    if meta.get("colour_constancy"):
+        try: _check_colour_constancy(meta["colour_constancy"])
+        except ConfigError as e: raise CheckpointError(f"{path}: meta {e}") from None
     make = lambda arch: create_classifier(len(meta["classes"]), arch, pretrained=False)
     model = make(archs[0]) if k is None else EnsembleClassifier([make(a) for a in archs])
     try: model.load_state_dict(state)
     except RuntimeError as e: raise CheckpointError(f"{path} does not fit {meta['arch']}: {str(e).splitlines()[0][:300]}") from None
     return model.to(get_device(device)).eval(), meta
 
+def _check_colour_constancy(p) -> None:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1 <= p < float("inf"):
+        raise ConfigError(f"colour_constancy={p!r}: expected 0 or None (off) or the p >= 1 of Shades of Gray (eq 14.1, chapter 14)")
+
+def classifier_inputs(images, meta: dict) -> Tensor:
+    """uint8 `images` N×3×H×W as the classifier of `meta` saw its training images: resized to `meta['image_size']`
+    when they are another size, then Shades of Gray (eq 14.1) with p = `meta['colour_constancy']` when it is set."""
+    x = _as_uint8_images(images)
+    size = int(meta["image_size"])
+    if tuple(x.shape[-2:]) != (size, size):
+        from skindiff.data import resize_images
+        x = resize_images(x, size)
+    p = meta.get("colour_constancy")
+    if p:
+        from skindiff.skin import shades_of_gray
+        _check_colour_constancy(p)
+        x = shades_of_gray(x.contiguous(), p)
+    return x
+
 def evaluate_checkpoint(ckpt: str | os.PathLike, images, labels, image_ids: Sequence[str], out_dir: str | os.PathLike | None,
                         class_names: Sequence[str], groups=None, tta: bool = False, n_boot: int = 1000, seed: int = 0,
                         device: str | torch.device | None = None, batch_size: int | None = None, progress: bool = False,
                         calibrated: bool = True) -> dict:
     """Evaluate the classifier `ckpt` on uint8 `images` N×3×H×W with `labels` indexing `class_names`; writes
-    predictions.csv, metrics.json and figures to `out_dir` (see `evaluate`). Images of another size are resized. The
+    predictions.csv, metrics.json and figures to `out_dir` (see `evaluate`). The images go through `classifier_inputs`
+    (resized when they are another size; colour-corrected when the model was trained so). The
     probabilities are temperature-scaled (eq 15.10) by the file's `meta['temperature']` unless `calibrated` is False;
     the metrics record the `temperature` used."""
     model, meta = load_classifier(ckpt, device=get_device(device))
     if list(meta["classes"]) != list(class_names):
         raise SkindiffError(f"{ckpt} was trained on classes {list(meta['classes'])}, but the data has classes {list(class_names)}; "
                             "evaluate it on data with the same classes in the same order")
-    x = _as_uint8_images(images)
-    resized = int(x.shape[-1]) != int(meta["image_size"]) or x.shape[-1] != x.shape[-2]
-    if resized:
-        from skindiff.data import resize_images
-        x = resize_images(x, int(meta["image_size"]))
+    x = classifier_inputs(images, meta)
+    resized = tuple(x.shape[-2:]) != tuple(images.shape[-2:])
     p = predict_proba(model, x, meta["mean"], meta["std"], batch_size, tta, device, progress)
     T = float(meta.get("temperature", 1.0)) if calibrated else 1.0
     if T != 1.0: p = temperature_scale(p, T)
     return evaluate(p, labels, image_ids, class_names, out_dir, groups, n_boot=n_boot, seed=seed,
                     extra=dict(checkpoint=str(ckpt), arch=meta["arch"], image_size=int(meta["image_size"]), tta=tta, temperature=T,
-                               resized_from=list(images.shape[-2:]) if resized else None))
+                               colour_constancy=meta.get("colour_constancy"), resized_from=list(images.shape[-2:]) if resized else None))
 
 def predict(ckpt: str | os.PathLike, image_paths: Sequence[str | os.PathLike], k: int = 3, tta: bool = False,
             device: str | torch.device | None = None, calibrated: bool = True) -> list[dict]:
@@ -1148,7 +1170,7 @@ def predict(ckpt: str | os.PathLike, image_paths: Sequence[str | os.PathLike], k
     if not image_paths: raise ConfigError("image_paths: no images given")
     size = int(meta["image_size"])
     x = torch.from_numpy(np.stack([np.asarray(fit_image(read_image(p), size, "crop")) for p in image_paths])).permute(0, 3, 1, 2).contiguous()
-    p = predict_proba(model, x, meta["mean"], meta["std"], tta=tta, device=device)
+    p = predict_proba(model, classifier_inputs(x, meta), meta["mean"], meta["std"], tta=tta, device=device)
     T = float(meta.get("temperature", 1.0)) if calibrated else 1.0
     if T != 1.0: p = temperature_scale(p, T)
     top = p.topk(k, dim=1)

@@ -27,7 +27,7 @@ from .mnist_ddpm import DDPMRecipe, train_ddpm
 from .samplers import EpsFn, SampleResult, eps_fn_from_model, ddim_sample, check_num_steps
 from .skin import SKIN_CLASSES, CLINICAL_NAMES, skin_tensors
 from .classifier import (LITE0_ARCH, DIHEDRAL_VIEWS, EnsembleClassifier, dihedral_view, create_classifier, normalisation,
-                                 load_classifier, extract_features as classifier_features)
+                                 load_classifier, classifier_inputs, extract_features as classifier_features)
 from .metrics import (fid_from_features, kid_from_features, precision_recall, warn_if_biased,
                               KID_SUBSET_SIZE, PR_NEIGHBOURS, MIN_IMAGES)
 
@@ -312,12 +312,13 @@ class DomainFeatures:
     description: str
     batch_size: int | None = None          # None: the classifier module's default for the device
     device: str | None = None
+    colour_constancy: float | None = None  # p of eq 14.1 when the classifier was trained on colour-corrected images
 
     def __call__(self, images: Tensor) -> Tensor:
         x = check_images(images, None, "images")
         if x.dtype != torch.uint8: x = to_uint8(x)
-        return classifier_features(self.model, resize_images(x, self.image_size), self.mean, self.std,
-                                   self.batch_size, self.device)
+        x = classifier_inputs(x, dict(image_size=self.image_size, colour_constancy=self.colour_constancy))
+        return classifier_features(self.model, x, self.mean, self.std, self.batch_size, self.device)
 
 def domain_feature_extractor(checkpoint: str | os.PathLike | None = None, image_size: int = DOMAIN_SIZE,
                              device: str | None = None) -> DomainFeatures:
@@ -329,7 +330,7 @@ def domain_feature_extractor(checkpoint: str | os.PathLike | None = None, image_
         return DomainFeatures(model, tuple(meta["mean"]), tuple(meta["std"]), int(meta["image_size"]),
                               f"chapter 16 skin classifier ({meta['arch']}, {meta['image_size']} px"
                               + (f", member 0 of an ensemble of {meta['ensemble']}" if meta.get("ensemble") else "")
-                              + f", {checkpoint})", device=device)
+                              + f", {checkpoint})", device=device, colour_constancy=meta.get("colour_constancy"))
     mean, std = normalisation(LITE0_ARCH)
     model = create_classifier(NUM_CLASSES, LITE0_ARCH, pretrained=True).eval()
     return DomainFeatures(model, mean, std, int(image_size),

@@ -26,14 +26,15 @@ from .data import (DataNotFoundError, ChecksumError, ImageReadError, IMAGE_EXTEN
 __all__ = ['SKIN_CLASSES', 'CLINICAL_NAMES', 'MALIGNANT', 'ISIC2018_COLUMNS', 'DERMAMNIST_CLASSES', 'TABLE_COLUMNS',
            'SPLIT_NAMES', 'FORMATS', 'CSV_SIGNATURES', 'HAM10000_METADATA', 'HAM10000_IMAGE_DIRS',
            'ISIC2018_LESION_GROUPINGS', 'PH2_METADATA', 'DERMAMNIST_SPLITS', 'DEFAULT_FRACTIONS',
-           'DERMAMNIST_SPLIT_INFO', 'SPLIT_CSV_COLUMNS', 'SCHEMES', 'CACHE_VERSION', 'DATAVERSE', 'HAM10000_DOI',
-           'HAM10000_DATAVERSE_FILES', 'ISIC2018_URL', 'ISIC2018_PARTS', 'DERMAMNIST_REMOTE', 'DOWNLOAD_MANIFEST',
-           'CHUNK', 'SkinDataError', 'class_table', 'label_indices', 'read_csv_checked', 'read_ham10000',
-           'read_isic2018', 'read_imagefolder', 'read_ph2', 'detect_format', 'read_skin_table', 'load_dermamnist',
-           'lesion_split', 'lesion_folds', 'split_leakage', 'dermamnist_split', 'save_split_csv', 'read_split_csv',
-           'skin_dataset_dir', 'skin_split', 'ImageModeWarning', 'tensor_cache_path', 'decoded_images', 'skin_tensors',
-           'RemoteFile', 'DownloadError', 'download_file', 'extract_archive', 'fetch_dataset', 'dataverse_files',
-           'download_ham10000', 'download_isic2018', 'download_dermamnist']
+           'DERMAMNIST_SPLIT_INFO', 'SPLIT_CSV_COLUMNS', 'SCHEMES', 'CACHE_VERSION', 'SHADES_OF_GRAY_P', 'DATAVERSE',
+           'HAM10000_DOI', 'HAM10000_DATAVERSE_FILES', 'ISIC2018_URL', 'ISIC2018_PARTS', 'DERMAMNIST_REMOTE',
+           'DOWNLOAD_MANIFEST', 'CHUNK', 'SkinDataError', 'class_table', 'label_indices', 'read_csv_checked',
+           'read_ham10000', 'read_isic2018', 'read_imagefolder', 'read_ph2', 'detect_format', 'read_skin_table',
+           'load_dermamnist', 'lesion_split', 'lesion_folds', 'split_leakage', 'dermamnist_split', 'save_split_csv',
+           'read_split_csv', 'skin_dataset_dir', 'skin_split', 'ImageModeWarning', 'tensor_cache_path',
+           'decoded_images', 'skin_tensors', 'illuminant', 'shades_of_gray', 'RemoteFile', 'DownloadError',
+           'download_file', 'extract_archive', 'fetch_dataset', 'dataverse_files', 'download_ham10000',
+           'download_isic2018', 'download_dermamnist']
 
 # %% ../nbs/14_skin_data.ipynb #2c86d526
 SKIN_CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -504,6 +505,36 @@ def skin_tensors(table: pd.DataFrame, split: str | None = None, size: int = 64, 
     x = torch.from_numpy(np.array(arr[pos[keep]], copy=True))
     y = torch.as_tensor(rows["label_idx"].to_numpy(dtype=np.int64)[keep])
     return x, y
+
+# %% ../nbs/14_skin_data.ipynb #6d7e7312
+SHADES_OF_GRAY_P = 6        # the Minkowski norm p of eq 14.1 (Barata et al., 2015, for dermoscopy)
+
+def _check_colour_args(images, p) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        what = f"{images.dtype} of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ConfigError(f"images: expected a uint8 tensor N×3×H×W (RGB), got {what}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1 <= p < float("inf"):
+        raise ConfigError(f"p={p!r}: expected the Minkowski norm of eq 14.1, a number >= 1 (1: grey world; 6: the usual for dermoscopy)")
+    return images
+
+def illuminant(images: torch.Tensor, p: float = SHADES_OF_GRAY_P) -> torch.Tensor:
+    "The illuminant colour ê/‖ê‖ of eq 14.1 of each uint8 image N×3×H×W: N×3 float64 unit vectors (0 for a black image)."
+    x = _check_colour_args(images, p).double()/255
+    e = x.pow(p).mean((2, 3)).pow(1/p)
+    return e/e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+def shades_of_gray(images: torch.Tensor, p: float = SHADES_OF_GRAY_P, batch_size: int = 512) -> torch.Tensor:
+    """Eq 14.1 on uint8 `images` N×3×H×W: each channel divided by √3·ê_c/‖ê‖, clipped to 255 and rounded (uint8,
+    same shape). A grey illuminant leaves an image unchanged; a black channel stays black."""
+    _check_colour_args(images, p)
+    out = torch.empty_like(images)
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size]
+        u = illuminant(x, p)
+        gain = torch.where(u > 0, 1/(3**0.5*u.clamp_min(1e-12)), torch.ones_like(u))   # a black channel: nothing to scale
+        out[i:i + batch_size] = (x.double()*gain[..., None, None]).clamp(0, 255).round().to(torch.uint8)
+    return out
+
 
 # %% ../nbs/14_skin_data.ipynb #809e21bd
 @dataclasses.dataclass(frozen=True)

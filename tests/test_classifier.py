@@ -786,3 +786,40 @@ def test_saved_temperature_is_applied_by_evaluate_and_predict(tmp_path):
     ck["meta"]["temperature"] = -1.0
     torch.save(ck, tmp_path/"tampered.pt")
     with pytest.raises(CheckpointError, match="temperature"): clf.load_classifier(tmp_path/"tampered.pt")
+
+
+def test_saved_colour_constancy_is_applied_by_evaluate_and_predict(tmp_path):
+    from skindiff.skin import shades_of_gray
+    x, y = _tiny_data(n=12)
+    x = (x.double()*torch.tensor([1.0, 0.6, 0.4])[None, :, None, None]).round().to(torch.uint8)   # a strong colour cast
+    torch.manual_seed(0)
+    m = clf.create_classifier(3, pretrained=False)
+    meta = dict(arch=clf.LITE0_ARCH, classes=["a", "b", "c"], image_size=32, mean=[0.5] * 3, std=[0.5] * 3)
+    for bad in (0.5, True, "6", float("inf")):
+        with pytest.raises(ConfigError, match="colour_constancy"): clf.save_classifier(m, tmp_path/"bad.pt", meta | dict(colour_constancy=bad))
+    assert not (tmp_path/"bad.pt").exists()
+    plain = clf.save_classifier(m, tmp_path/"plain.pt", meta | dict(colour_constancy=None))
+    path = clf.save_classifier(m, tmp_path/"cc.pt", meta | dict(colour_constancy=6))
+    ids = [f"img{i}" for i in range(len(x))]
+    p_cc = clf.predict_proba(m, shades_of_gray(x, 6), meta["mean"], meta["std"], device="cpu")
+    p_raw = clf.predict_proba(m, x, meta["mean"], meta["std"], device="cpu")
+    assert not torch.allclose(p_cc, p_raw, atol=1e-4)              # the correction changes what the network sees
+    r = clf.evaluate_checkpoint(path, x, y, ids, None, ["a", "b", "c"], n_boot=0)
+    assert r["colour_constancy"] == 6 and r["macro_auc"] == pytest.approx(clf.classification_metrics(y, p_cc, ["a", "b", "c"])["macro_auc"])
+    assert clf.evaluate_checkpoint(plain, x, y, ids, None, ["a", "b", "c"], n_boot=0)["macro_auc"] == \
+        pytest.approx(clf.classification_metrics(y, p_raw, ["a", "b", "c"])["macro_auc"])
+    # images of another size are resized first, then corrected: the order training used
+    big = torch.nn.functional.interpolate(x.float(), size=48, mode="nearest").round().to(torch.uint8)
+    from skindiff.data import resize_images
+    assert torch.equal(clf.classifier_inputs(big, meta | dict(colour_constancy=6)), shades_of_gray(resize_images(big, 32), 6))
+
+    from PIL import Image
+    img = tmp_path/"im.png"
+    Image.fromarray(x[0].permute(1, 2, 0).numpy()).save(img)
+    top = dict(clf.predict(path, [img], k=3, calibrated=False)[0]["top"])
+    assert [top[c] for c in ["a", "b", "c"]] == pytest.approx(p_cc[0].tolist(), abs=1e-5)
+
+    ck = torch.load(path, weights_only=True)
+    ck["meta"]["colour_constancy"] = -3
+    torch.save(ck, tmp_path/"tampered.pt")
+    with pytest.raises(CheckpointError, match="colour_constancy"): clf.load_classifier(tmp_path/"tampered.pt")

@@ -404,3 +404,21 @@ def test_download_dermamnist(tmp_path, server):
     p = download_dermamnist(tmp_path/"dm", RemoteFile(url + "/dermamnist.npz", "dermamnist.npz", md5=hashlib.md5(body).hexdigest()))
     x, y = load_dermamnist(p, "train")
     assert x.shape == (5, 3, 28, 28)
+
+
+def test_shades_of_gray_properties_and_bad_input():
+    from skindiff.skin import shades_of_gray, illuminant
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(20, 230, (5, 3, 16, 16), generator=g, dtype=torch.uint8)
+    y = shades_of_gray(x)
+    assert y.dtype == torch.uint8 and y.shape == x.shape
+    assert torch.allclose(illuminant(y), torch.full((5, 3), 3**-0.5, dtype=torch.float64), atol=5e-3)   # corrected: grey
+    assert torch.equal(shades_of_gray(y[:, :1].expand(5, 3, 16, 16).contiguous()), y[:, :1].expand(5, 3, 16, 16))  # grey: a no-op
+    assert torch.equal(shades_of_gray(x, 6, batch_size=2), y)                                   # batching changes nothing
+    black = torch.zeros(2, 3, 4, 4, dtype=torch.uint8); black[1, 0] = 90
+    out = shades_of_gray(black)
+    assert out[0].sum() == 0 and out[1, 1:].sum() == 0                                         # black stays black, no NaN
+    for bad in (x.float(), x[:, :1], x[0], x.numpy()):
+        with pytest.raises(ConfigError, match="uint8 tensor N×3×H×W"): shades_of_gray(bad)
+    for p in (0, 0.5, float("inf"), True, "6"):
+        with pytest.raises(ConfigError, match="Minkowski"): shades_of_gray(x, p)
