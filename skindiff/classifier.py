@@ -1134,7 +1134,7 @@ def classifier_inputs(images, meta: dict) -> Tensor:
     if p:
         from skindiff.skin import shades_of_gray
         _check_colour_constancy(p)
-        x = shades_of_gray(x.contiguous(), p)
+        x = shades_of_gray(x, p)
     return x
 
 def evaluate_checkpoint(ckpt: str | os.PathLike, images, labels, image_ids: Sequence[str], out_dir: str | os.PathLike | None,

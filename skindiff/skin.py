@@ -517,11 +517,13 @@ def _check_colour_args(images, p) -> torch.Tensor:
         raise ConfigError(f"p={p!r}: expected the Minkowski norm of eq 14.1, a number >= 1 (1: grey world; 6: the usual for dermoscopy)")
     return images
 
+def _unit_illuminant(x: torch.Tensor, p: float) -> torch.Tensor:
+    e = (x.double()/255).pow(p).mean((2, 3)).pow(1/p)
+    return e/e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
 def illuminant(images: torch.Tensor, p: float = SHADES_OF_GRAY_P) -> torch.Tensor:
     "The illuminant colour ê/‖ê‖ of eq 14.1 of each uint8 image N×3×H×W: N×3 float64 unit vectors (0 for a black image)."
-    x = _check_colour_args(images, p).double()/255
-    e = x.pow(p).mean((2, 3)).pow(1/p)
-    return e/e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return _unit_illuminant(_check_colour_args(images, p), p)
 
 def shades_of_gray(images: torch.Tensor, p: float = SHADES_OF_GRAY_P, batch_size: int = 512) -> torch.Tensor:
     """Eq 14.1 on uint8 `images` N×3×H×W: each channel divided by √3·ê_c/‖ê‖, clipped to 255 and rounded (uint8,
@@ -530,7 +532,7 @@ def shades_of_gray(images: torch.Tensor, p: float = SHADES_OF_GRAY_P, batch_size
     out = torch.empty_like(images)
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size]
-        u = illuminant(x, p)
+        u = _unit_illuminant(x, p)                  # checked once above, not per batch
         gain = torch.where(u > 0, 1/(3**0.5*u.clamp_min(1e-12)), torch.ones_like(u))   # a black channel: nothing to scale
         out[i:i + batch_size] = (x.double()*gain[..., None, None]).clamp(0, 255).round().to(torch.uint8)
     return out
