@@ -38,7 +38,7 @@ __all__ = ['LITE0_ARCH', 'LITE0_STAGE_DEPTHS', 'CONVERTED_FORMAT', 'LITE_WEIGHTS
            'classification_metrics', 'bootstrap_ci', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability',
            'prediction_columns', 'write_predictions_csv', 'evaluate', 'metrics_table', 'mean_nll', 'temperature_scale',
            'fit_temperature', 'ClassifierTrainResult', 'train_classifier', 'EnsembleClassifier', 'save_classifier',
-           'load_classifier', 'classifier_inputs', 'evaluate_checkpoint', 'predict']
+           'load_classifier', 'source_size', 'classifier_inputs', 'evaluate_checkpoint', 'predict']
 
 # %% ../nbs/15_classifier.ipynb #aca8e2e5
 LITE0_ARCH = "tf_efficientnet_lite0"
@@ -1075,12 +1075,15 @@ def save_classifier(model: nn.Module, path: str | os.PathLike, meta: dict) -> Pa
     An `EnsembleClassifier` is saved whole, with its member count as `meta['ensemble']`; members of other
     architectures than `meta['arch']` are named one per member in `meta['member_archs']`. `meta['temperature']`, when
     given, is the calibration T of eq 15.10 that `evaluate_checkpoint` and `predict` apply; `meta['colour_constancy']`, when
-    not 0 or None, the p of eq 14.1 that the training images went through, which `classifier_inputs` repeats."""
+    not 0 or None, the p of eq 14.1 that the training images went through, which `classifier_inputs` repeats;
+    `meta['source_size']`, when given, the resolution the training images were upsampled from (chapter 16's DermaMNIST
+    model: 28 px shown to the network at 64), which `classifier_inputs` and the CLI repeat."""
     need = ("arch", "classes", "image_size", "mean", "std")
     missing = [k for k in need if k not in meta]
     if missing: raise ConfigError(f"meta: missing {missing}; expected at least {list(need)}")
     if "temperature" in meta: _check_temperature(meta["temperature"], "meta['temperature']")
     if meta.get("colour_constancy"): _check_colour_constancy(meta["colour_constancy"])
+    if meta.get("source_size") is not None: _check_source_size(meta)
     if isinstance(model, EnsembleClassifier):
         archs = meta.get("member_archs")
         if archs is not None and (not isinstance(archs, (list, tuple)) or len(archs) != len(model.members)):
@@ -1112,6 +1115,9 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
     if meta.get("colour_constancy"):
         try: _check_colour_constancy(meta["colour_constancy"])
         except ConfigError as e: raise CheckpointError(f"{path}: meta {e}") from None
+    if meta.get("source_size") is not None:
+        try: _check_source_size(meta)
+        except ConfigError as e: raise CheckpointError(f"{path}: {e}") from None
     make = lambda arch: create_classifier(len(meta["classes"]), arch, pretrained=False)
     model = make(archs[0]) if k is None else EnsembleClassifier([make(a) for a in archs])
     try: model.load_state_dict(state)
@@ -1122,13 +1128,30 @@ def _check_colour_constancy(p) -> None:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1 <= p < float("inf"):
         raise ConfigError(f"colour_constancy={p!r}: expected 0 or None (off) or the p >= 1 of Shades of Gray (eq 14.1, chapter 14)")
 
+def _check_source_size(meta: dict) -> None:
+    s, size = meta.get("source_size"), meta.get("image_size")
+    if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= int(size):
+        raise ConfigError(f"meta['source_size'] = {s!r}: expected an int from 1 to the image_size {size} (the resolution the "
+                          "training images were upsampled from), or None")
+
+def source_size(meta: dict) -> int:
+    """The resolution of the information the classifier of `meta` was trained on: `meta['source_size']` when its training
+    images were upsampled from a smaller size (chapter 16's DermaMNIST model: 28 px shown at 64), else `meta['image_size']`.
+    Decode images for it at this size (the CLI and `predict` do)."""
+    if meta.get("source_size") is None: return int(meta["image_size"])
+    _check_source_size(meta)
+    return int(meta["source_size"])
+
 def classifier_inputs(images, meta: dict) -> Tensor:
-    """uint8 `images` N×3×H×W as the classifier of `meta` saw its training images: resized to `meta['image_size']`
-    when they are another size, then Shades of Gray (eq 14.1) with p = `meta['colour_constancy']` when it is set."""
+    """uint8 `images` N×3×H×W as the classifier of `meta` saw its training images: images of another size than
+    `meta['image_size']` are first brought down to `source_size(meta)` when they are larger (so that a model trained on
+    28 px images upsampled to 64 gets 28 px of information, as in training), then resized to `meta['image_size']`;
+    then Shades of Gray (eq 14.1) with p = `meta['colour_constancy']` when it is set."""
     x = _as_uint8_images(images)
-    size = int(meta["image_size"])
+    size, src = int(meta["image_size"]), source_size(meta)
     if tuple(x.shape[-2:]) != (size, size):
         from skindiff.data import resize_images
+        if src < size and max(x.shape[-2:]) > src: x = resize_images(x, src)
         x = resize_images(x, size)
     p = meta.get("colour_constancy")
     if p:
@@ -1168,7 +1191,7 @@ def predict(ckpt: str | os.PathLike, image_paths: Sequence[str | os.PathLike], k
     classes = list(meta["classes"])
     if not 1 <= k <= len(classes): raise ConfigError(f"k={k}: expected 1 <= k <= {len(classes)} (the number of classes)")
     if not image_paths: raise ConfigError("image_paths: no images given")
-    size = int(meta["image_size"])
+    size = source_size(meta)              # decode at the resolution of the training images' information
     x = torch.from_numpy(np.stack([np.asarray(fit_image(read_image(p), size, "crop")) for p in image_paths])).permute(0, 3, 1, 2).contiguous()
     p = predict_proba(model, classifier_inputs(x, meta), meta["mean"], meta["std"], tta=tta, device=device)
     T = float(meta.get("temperature", 1.0)) if calibrated else 1.0

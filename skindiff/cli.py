@@ -87,10 +87,10 @@ def evaluation_data(data: str, format: str | None = None, size: int = 64, split:
     return x, y, list(table["image_id"]), groups, f"{root} ({fmt}{', ' + split if split else ''}, {len(table)} images)"
 
 def _evaluate(args) -> None:
-    from skindiff.classifier import evaluate_checkpoint, load_classifier, metrics_table
+    from skindiff.classifier import evaluate_checkpoint, load_classifier, metrics_table, source_size
     from skindiff.skin import SKIN_CLASSES
     _, meta = load_classifier(args.model)
-    x, y, ids, groups, what = evaluation_data(args.data, args.format, int(meta["image_size"]), args.split, args.split_csv)
+    x, y, ids, groups, what = evaluation_data(args.data, args.format, source_size(meta), args.split, args.split_csv)   # evaluate_checkpoint upsamples
     out = Path(args.out) if args.out else Path("skindiff-eval")/f"{Path(args.model).stem}-{Path(args.data).name}"
     T = meta.get("temperature")
     cal = ("; raw probabilities (--uncalibrated)" if args.uncalibrated else f"; probabilities calibrated with T = {T:.3f}") if T else ""

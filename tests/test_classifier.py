@@ -823,3 +823,42 @@ def test_saved_colour_constancy_is_applied_by_evaluate_and_predict(tmp_path):
     ck["meta"]["colour_constancy"] = -3
     torch.save(ck, tmp_path/"tampered.pt")
     with pytest.raises(CheckpointError, match="colour_constancy"): clf.load_classifier(tmp_path/"tampered.pt")
+
+
+def test_source_size_is_repeated_by_evaluate_predict_and_checked(tmp_path):
+    """A model trained on 8 px images upsampled to 32 (as chapter 16's DermaMNIST model: 28 px shown at 64) gets 8 px of
+    information from evaluate and predict, whatever size the images come in; a bad source_size is refused."""
+    from skindiff.data import resize_images
+    x, y = _tiny_data(n=12, size=48)
+    torch.manual_seed(0)
+    m = clf.create_classifier(3, pretrained=False)
+    meta = dict(arch=clf.LITE0_ARCH, classes=["a", "b", "c"], image_size=32, mean=[0.5] * 3, std=[0.5] * 3)
+    for bad in (0, 33, 8.0, True, "8"):
+        with pytest.raises(ConfigError, match="source_size"): clf.save_classifier(m, tmp_path/"bad.pt", meta | dict(source_size=bad))
+    assert not (tmp_path/"bad.pt").exists()
+    assert clf.source_size(meta) == 32 and clf.source_size(meta | dict(source_size=None)) == 32
+    path = clf.save_classifier(m, tmp_path/"up.pt", meta | dict(source_size=8))
+    assert clf.source_size(clf.load_classifier(path)[1]) == 8
+    want = resize_images(resize_images(x, 8), 32)                    # what training saw: 8 px, upsampled
+    assert torch.equal(clf.classifier_inputs(x, meta | dict(source_size=8)), want)
+    assert not torch.equal(clf.classifier_inputs(x, meta), want)      # without it, 32 px of information
+    assert torch.equal(clf.classifier_inputs(want, meta | dict(source_size=8)), want)          # already model-sized: as is
+    small = resize_images(x, 8)
+    assert torch.equal(clf.classifier_inputs(small, meta | dict(source_size=8)), want)          # the 8 px images themselves
+    p_want = clf.predict_proba(m, want, meta["mean"], meta["std"], device="cpu")
+    r = clf.evaluate_checkpoint(path, x, y, [f"i{i}" for i in range(len(x))], None, ["a", "b", "c"], n_boot=0)
+    assert r["macro_auc"] == pytest.approx(clf.classification_metrics(y, p_want, ["a", "b", "c"])["macro_auc"])
+
+    from PIL import Image
+    from skindiff.data import fit_image
+    img = tmp_path/"im.png"
+    Image.fromarray(x[0].permute(1, 2, 0).numpy()).save(img)
+    x8 = torch.from_numpy(np.array(fit_image(Image.open(img).convert("RGB"), 8, "crop"))).permute(2, 0, 1)[None].contiguous()
+    p8 = clf.predict_proba(m, resize_images(x8, 32), meta["mean"], meta["std"], device="cpu")
+    top = dict(clf.predict(path, [img], k=3, calibrated=False)[0]["top"])
+    assert [top[c] for c in ["a", "b", "c"]] == pytest.approx(p8[0].tolist(), abs=1e-5)
+
+    ck = torch.load(path, weights_only=True)
+    ck["meta"]["source_size"] = 64
+    torch.save(ck, tmp_path/"tampered.pt")
+    with pytest.raises(CheckpointError, match="source_size"): clf.load_classifier(tmp_path/"tampered.pt")

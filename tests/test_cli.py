@@ -98,3 +98,18 @@ def test_predict_and_evaluate_apply_the_calibration_temperature(tmp_path, data_r
         said = capsys.readouterr().out
         assert json.loads((out/"metrics.json").read_text())["temperature"] == (1.0 if flag else 0.3)
         assert ("raw probabilities" if flag else "calibrated with T = 0.300") in said
+
+
+def test_evaluate_decodes_at_the_models_source_size(tmp_path, data_root, monkeypatch):
+    "A model trained on 8 px images shown at 32 px (meta source_size) is evaluated on images decoded at 8 px, not 32."
+    import skindiff.cli as cli
+    torch.manual_seed(0)
+    ckpt = save_classifier(create_classifier(len(SKIN_CLASSES), pretrained=False), tmp_path/"up.pt",
+                           dict(arch="tf_efficientnet_lite0", classes=list(SKIN_CLASSES), image_size=SIZE, source_size=8,
+                                mean=[0.5] * 3, std=[0.5] * 3))
+    sizes, real = [], cli.evaluation_data
+    monkeypatch.setattr(cli, "evaluation_data", lambda data, fmt, size, *a: sizes.append(size) or real(data, fmt, size, *a))
+    out = tmp_path/"eval"
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(data_root/"ph2"), "--out", str(out), "--n-boot", "0"]) == 0
+    m = json.loads((out/"metrics.json").read_text())
+    assert sizes == [8] and m["image_size"] == SIZE and m["resized_from"] == [8, 8]
