@@ -313,11 +313,12 @@ class DomainFeatures:
     batch_size: int | None = None          # None: the classifier module's default for the device
     device: str | None = None
     colour_constancy: float | None = None  # p of eq 14.1 when the classifier was trained on colour-corrected images
+    source_size: int | None = None         # when the classifier was trained on images upsampled from this size
 
     def __call__(self, images: Tensor) -> Tensor:
         x = check_images(images, None, "images")
         if x.dtype != torch.uint8: x = to_uint8(x)
-        x = classifier_inputs(x, dict(image_size=self.image_size, colour_constancy=self.colour_constancy))
+        x = classifier_inputs(x, dict(image_size=self.image_size, colour_constancy=self.colour_constancy, source_size=self.source_size))
         return classifier_features(self.model, x, self.mean, self.std, self.batch_size, self.device)
 
 def domain_feature_extractor(checkpoint: str | os.PathLike | None = None, image_size: int = DOMAIN_SIZE,
@@ -330,7 +331,8 @@ def domain_feature_extractor(checkpoint: str | os.PathLike | None = None, image_
         return DomainFeatures(model, tuple(meta["mean"]), tuple(meta["std"]), int(meta["image_size"]),
                               f"chapter 16 skin classifier ({meta['arch']}, {meta['image_size']} px"
                               + (f", member 0 of an ensemble of {meta['ensemble']}" if meta.get("ensemble") else "")
-                              + f", {checkpoint})", device=device, colour_constancy=meta.get("colour_constancy"))
+                              + f", {checkpoint})", device=device, colour_constancy=meta.get("colour_constancy"),
+                              source_size=meta.get("source_size"))
     mean, std = normalisation(LITE0_ARCH)
     model = create_classifier(NUM_CLASSES, LITE0_ARCH, pretrained=True).eval()
     return DomainFeatures(model, mean, std, int(image_size),

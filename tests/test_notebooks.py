@@ -19,16 +19,17 @@ def test_parameters_cell(chapter):
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
 
 
-def test_skin_classifier_cross_fit(tmp_path):
-    """Chapter 16 with `cross_fit=True` (off in the profiles' defaults, so nbdev-test does not run it): each member
-    trains on train + the other validation fold and its checkpoint metadata names its fold."""
+def test_skin_classifier_cross_fit_and_upsampled_input(tmp_path):
+    """Chapter 16 with `cross_fit=True` and `input_size` (off in the profiles' defaults, so nbdev-test does not run
+    them): each member trains on train + the other validation fold and its checkpoint metadata names its fold; the
+    32 px images reach the network at 40 px, and the saved model says so (source_size), so the CLI repeats it."""
     import json, papermill, torch
     from skindiff.data import DataNotFoundError, find_data_root
     try: find_data_root(need="ham10000")
     except DataNotFoundError: pytest.skip("shared data ham10000 not available")
     out = tmp_path/"run"
     papermill.execute_notebook(str(study.notebooks_dir()/"16_skin_classifier.ipynb"), str(tmp_path/"out.ipynb"), cwd=str(study.notebooks_dir()),
-                               parameters=dict(out_dir=str(out), cross_fit=True), progress_bar=False)   # the ci-sized defaults
+                               parameters=dict(out_dir=str(out), cross_fit=True, input_size=40), progress_bar=False)   # else the ci-sized defaults
     for i, name in enumerate(("lesion", "lesion_1")):
         sel = json.loads((out/"checkpoints"/"16_skin_classifier"/name/"selection.json").read_text())
         assert [h["step"] for h in sel["history"]] == [12, 24]
@@ -36,3 +37,6 @@ def test_skin_classifier_cross_fit(tmp_path):
         assert ck["meta"]["cross_fit"] == f"fold {i} of 2"
     results = json.loads((out/"results"/"16_skin_classifier.json").read_text())
     assert next(r for r in results if r["name"] == "lesion_train_seconds")["cross_fit"] is True
+    from skindiff.classifier import load_classifier, source_size
+    _, meta = load_classifier(out/"models"/"skin_classifier.pt")
+    assert meta["image_size"] == 40 and source_size(meta) == 32 == meta["source_size"]
