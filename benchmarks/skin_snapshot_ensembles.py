@@ -26,12 +26,12 @@ from skindiff.skin import skin_tensors
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_auc")
 
 
-def snapshot_steps(member_dir: Path) -> tuple[set[int], dict[int, Path]]:
-    "The steps a member's ensemble holds (selected + last) and its saved checkpoints by step."
+def member_snapshots(member_dir: Path) -> tuple[int, int, dict[int, Path]]:
+    "A member's selected step, its last step and its saved checkpoints by step."
     sel = json.loads((member_dir/"selection.json").read_text())
     ckpts = {int(re.search(r"(\d+)", p.stem).group(1)): p for p in member_dir.glob("ckpt_*.pt")}
     if not ckpts: raise ConfigError(f"{member_dir}: no ckpt_*.pt; expected a finished chapter-16 member")
-    return {int(sel["best_step"]), max(ckpts)}, ckpts
+    return int(sel["best_step"]), max(ckpts), ckpts
 
 
 def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -51,14 +51,19 @@ def main() -> None:
     print("accuracy / balanced accuracy / macro AUC on the lesion-grouped test split (8-view TTA)")
     for folder in args.runs:
         r = load_run(folder)
-        saved = torch.load(folder/"models"/"skin_classifier.pt", map_location="cpu", weights_only=True)["meta"]
+        model_file = folder/"models"/"skin_classifier.pt"
+        if not model_file.is_file(): raise ConfigError(f"{folder}: no models/skin_classifier.pt; expected a finished chapter-16 run folder")
+        saved = torch.load(model_file, map_location="cpu", weights_only=True)["meta"]
         k = int(saved.get("ensemble", 1))
         table = pd.read_csv(folder/"splits"/"lesion_split.csv").set_index("image_id").loc[r["ids"]].reset_index()
-        images = {}
-        extra, kept = [], 0
-        for member_dir in sorted((folder/"checkpoints"/"16_skin_classifier").glob("lesion*")):
-            in_ensemble, ckpts = snapshot_steps(member_dir)
-            kept += len(in_ensemble)
+        members = [(d, *member_snapshots(d)) for d in sorted((folder/"checkpoints"/"16_skin_classifier").glob("lesion*"))]
+        with_last = sum(len({best, last}) for _, best, last, _ in members)   # keep_last: selected + last EMA per member
+        if k not in (with_last, len(members)):
+            raise ConfigError(f"{folder}: the saved model holds {k} models; its {len(members)} members' checkpoints give "
+                              f"{len(members)} (selected only) or {with_last} (with keep_last)")
+        images, extra = {}, []
+        for member_dir, best, last, ckpts in members:
+            in_ensemble = {best, last} if k == with_last else {best}
             for step in sorted(set(ckpts) - in_ensemble):
                 model, meta = load_classifier(ckpts[step])
                 size = source_size(meta)
@@ -66,7 +71,6 @@ def main() -> None:
                 p = predict_proba(model.eval(), classifier_inputs(images[size], meta), meta["mean"], meta["std"], tta=True)
                 extra.append(p.numpy().astype(np.float64))
                 print(f"  {folder.name}: {member_dir.name} step {step} alone: {fmt(scores(r['labels'], extra[-1]))}")
-        if kept != k: raise ConfigError(f"{folder}: the saved model holds {k} models, the checkpoints say {kept}")
         b = scores(r["labels"], r["probs"])
         a = scores(r["labels"], (k*r["probs"] + sum(extra))/(k + len(extra))) if extra else b
         before.append(b); after.append(a)
