@@ -33,12 +33,13 @@ __all__ = ['LITE0_ARCH', 'LITE0_STAGE_DEPTHS', 'CONVERTED_FORMAT', 'LITE_WEIGHTS
            'infer_batch', 'normalise', 'extract_features', 'linear_probe_accuracy', 'Augment', 'dihedral_view',
            'random_zoom', 'augment_batch', 'class_weights', 'classifier_loss_fn', 'trunk_forward', 'head_forward',
            'adapt_trunk_batchnorm', 'trunk_features', 'random_feature_crop', 'feature_cutmix', 'cached_trunk_loss_fn',
-           'depthwise_extension', 'DepthwiseConv2d', 'use_depthwise_kernel', 'predict_proba', 'confusion_matrix',
-           'roc_curve', 'roc_auc', 'sensitivity_at_specificity', 'reliability_bins', 'expected_calibration_error',
-           'classification_metrics', 'bootstrap_ci', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability',
-           'prediction_columns', 'write_predictions_csv', 'evaluate', 'metrics_table', 'mean_nll', 'temperature_scale',
-           'fit_temperature', 'ClassifierTrainResult', 'train_classifier', 'EnsembleClassifier', 'save_classifier',
-           'load_classifier', 'source_size', 'classifier_inputs', 'evaluate_checkpoint', 'predict']
+           'depthwise_extension', 'DepthwiseConv2d', 'use_depthwise_kernel', 'predict_proba', 'fuse_by_group',
+           'confusion_matrix', 'roc_curve', 'roc_auc', 'sensitivity_at_specificity', 'reliability_bins',
+           'expected_calibration_error', 'classification_metrics', 'bootstrap_ci', 'plot_confusion_matrix',
+           'plot_roc_curves', 'plot_reliability', 'prediction_columns', 'write_predictions_csv', 'evaluate',
+           'metrics_table', 'mean_nll', 'temperature_scale', 'fit_temperature', 'ClassifierTrainResult',
+           'train_classifier', 'EnsembleClassifier', 'save_classifier', 'load_classifier', 'source_size',
+           'classifier_inputs', 'evaluate_checkpoint', 'predict']
 
 # %% ../nbs/15_classifier.ipynb #aca8e2e5
 LITE0_ARCH = "tf_efficientnet_lite0"
@@ -666,6 +667,22 @@ def predict_proba(model: nn.Module, images, mean: Sequence[float], std: Sequence
         out.append((p/len(views)).cpu())
     return torch.cat(out) if out else torch.empty(0, 0)
 
+# %% ../nbs/15_classifier.ipynb #588fdaec
+def fuse_by_group(probs, groups) -> Tensor:
+    """Eq 15.11: every row of `probs` N×C (float32) replaced by the mean of the rows that share its label in `groups`
+    (length N, e.g. lesion ids); a row alone in its group is returned unchanged."""
+    import pandas as pd
+    p = torch.as_tensor(probs, dtype=torch.float32)
+    if p.ndim != 2: raise ConfigError(f"probs: expected N×C, got shape {tuple(p.shape)}")
+    g = pd.Series(list(groups), dtype=object)
+    if len(g) != len(p): raise ConfigError(f"groups: expected {len(p)} labels (one per row of probs), got {len(g)}")
+    if g.isna().any(): raise ConfigError(f"groups: {int(g.isna().sum())} of {len(g)} labels are missing (a lesion id for every image)")
+    if len(p) == 0: return p.clone()
+    inv = torch.as_tensor(pd.factorize(g)[0], dtype=torch.long)
+    sums = torch.zeros(int(inv.max()) + 1, p.shape[1], dtype=torch.float64).index_add_(0, inv, p.double())
+    return (sums/torch.bincount(inv).double()[:, None])[inv].float()
+
+
 # %% ../nbs/15_classifier.ipynb #e9788f57
 ECE_BINS = 15
 TARGET_SPECIFICITY = 0.8
@@ -1163,12 +1180,14 @@ def classifier_inputs(images, meta: dict) -> Tensor:
 def evaluate_checkpoint(ckpt: str | os.PathLike, images, labels, image_ids: Sequence[str], out_dir: str | os.PathLike | None,
                         class_names: Sequence[str], groups=None, tta: bool = False, n_boot: int = 1000, seed: int = 0,
                         device: str | torch.device | None = None, batch_size: int | None = None, progress: bool = False,
-                        calibrated: bool = True) -> dict:
+                        calibrated: bool = True, fuse_lesions: bool = False) -> dict:
     """Evaluate the classifier `ckpt` on uint8 `images` N×3×H×W with `labels` indexing `class_names`; writes
     predictions.csv, metrics.json and figures to `out_dir` (see `evaluate`). The images go through `classifier_inputs`
     (resized when they are another size; colour-corrected when the model was trained so). The
     probabilities are temperature-scaled (eq 15.10) by the file's `meta['temperature']` unless `calibrated` is False;
-    the metrics record the `temperature` used."""
+    the metrics record the `temperature` used. `fuse_lesions` gives every image its lesion's mean probabilities
+    (eq 15.11, `groups` holding the lesion ids)."""
+    if fuse_lesions and groups is None: raise ConfigError("fuse_lesions: the data has no lesion ids (groups) to fuse by")
     model, meta = load_classifier(ckpt, device=get_device(device))
     if list(meta["classes"]) != list(class_names):
         raise SkindiffError(f"{ckpt} was trained on classes {list(meta['classes'])}, but the data has classes {list(class_names)}; "
@@ -1178,14 +1197,18 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, images, labels, image_ids: Sequ
     p = predict_proba(model, x, meta["mean"], meta["std"], batch_size, tta, device, progress)
     T = float(meta.get("temperature", 1.0)) if calibrated else 1.0
     if T != 1.0: p = temperature_scale(p, T)
+    if fuse_lesions: p = fuse_by_group(p, groups)
     return evaluate(p, labels, image_ids, class_names, out_dir, groups, n_boot=n_boot, seed=seed,
                     extra=dict(checkpoint=str(ckpt), arch=meta["arch"], image_size=int(meta["image_size"]), tta=tta, temperature=T,
+                               fused_lesions=bool(fuse_lesions),
                                colour_constancy=meta.get("colour_constancy"), resized_from=list(images.shape[-2:]) if resized else None))
 
 def predict(ckpt: str | os.PathLike, image_paths: Sequence[str | os.PathLike], k: int = 3, tta: bool = False,
-            device: str | torch.device | None = None, calibrated: bool = True) -> list[dict]:
+            device: str | torch.device | None = None, calibrated: bool = True, same_lesion: bool = False) -> list[dict]:
     """Top-`k` classes with probabilities for each image file: `[{'image': path, 'top': [(class, prob), ...]}, ...]`;
-    the probabilities are temperature-scaled by the file's `meta['temperature']` (eq 15.10) unless `calibrated` is False."""
+    the probabilities are temperature-scaled by the file's `meta['temperature']` (eq 15.10) unless `calibrated` is False.
+    With `same_lesion` (the images show one lesion) a last row, `{'image': 'one lesion (N images)', 'images': [...],
+    'top': ...}`, holds their fused prediction (eq 15.11)."""
     from skindiff.data import read_image, fit_image
     model, meta = load_classifier(ckpt, device=get_device(device))
     classes = list(meta["classes"])
@@ -1197,5 +1220,10 @@ def predict(ckpt: str | os.PathLike, image_paths: Sequence[str | os.PathLike], k
     T = float(meta.get("temperature", 1.0)) if calibrated else 1.0
     if T != 1.0: p = temperature_scale(p, T)
     top = p.topk(k, dim=1)
-    return [dict(image=str(path), top=[(classes[int(c)], float(v)) for v, c in zip(vals, idx)])
+    rows = [dict(image=str(path), top=[(classes[int(c)], float(v)) for v, c in zip(vals, idx)])
             for path, vals, idx in zip(image_paths, top.values, top.indices)]
+    if same_lesion:
+        vals, idx = fuse_by_group(p, [0]*len(p))[0].topk(k)
+        rows.append(dict(image=f"one lesion ({len(p)} images)", images=[str(q) for q in image_paths],
+                         top=[(classes[int(c)], float(v)) for v, c in zip(vals, idx)]))
+    return rows

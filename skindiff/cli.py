@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tta", action="store_true", help="average the 8 flips/rotations (test-time augmentation)")
     e.add_argument("--uncalibrated", action="store_true",
                    help="score the raw probabilities, without the model's calibration temperature (eq 15.10)")
+    e.add_argument("--fuse-lesions", action="store_true",
+                   help="give every image its lesion's mean probabilities (eq 15.11; needs lesion ids: HAM10000 or a split CSV)")
     e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (default: 1000)")
     e.add_argument("--device", help="cpu, cuda or cuda:N")
     r = sub.add_parser("predict", help="top-k classes of lesion images", description="Print the top-k classes with probabilities.")
@@ -50,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-k", type=int, default=3, help="how many classes to print (default: 3)")
     r.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
     r.add_argument("--uncalibrated", action="store_true", help="print the raw probabilities, without the model's calibration temperature")
+    r.add_argument("--same-lesion", action="store_true", help="the images show one lesion: also print their fused prediction (eq 15.11)")
     r.add_argument("--device", help="cpu, cuda or cuda:N")
     d = sub.add_parser("download", help="download a skin dataset (needs the internet)",
                        description="Download, verify (size and checksum) and unpack a dataset; nothing is left half-written.")
@@ -91,12 +94,13 @@ def _evaluate(args) -> None:
     from skindiff.skin import SKIN_CLASSES
     _, meta = load_classifier(args.model)
     x, y, ids, groups, what = evaluation_data(args.data, args.format, source_size(meta), args.split, args.split_csv)   # evaluate_checkpoint upsamples
+    if args.fuse_lesions and groups is None: raise ConfigError(f"--fuse-lesions: {what} has no lesion ids; use HAM10000 data or pass --split-csv")
     out = Path(args.out) if args.out else Path("skindiff-eval")/f"{Path(args.model).stem}-{Path(args.data).name}"
     T = meta.get("temperature")
     cal = ("; raw probabilities (--uncalibrated)" if args.uncalibrated else f"; probabilities calibrated with T = {T:.3f}") if T else ""
     print(f"evaluating {args.model} ({meta['arch']}, {meta['image_size']} px) on {what}{cal}", flush=True)
     m = evaluate_checkpoint(args.model, x, y, ids, out, list(SKIN_CLASSES), groups=groups, tta=args.tta,
-                            n_boot=args.n_boot, device=args.device, calibrated=not args.uncalibrated)
+                            n_boot=args.n_boot, device=args.device, calibrated=not args.uncalibrated, fuse_lesions=args.fuse_lesions)
     print(metrics_table(m))
     print(f"wrote {out}/metrics.json, {out}/predictions.csv (ISIC 2018 Task 3 format) and figures")
 
@@ -104,7 +108,8 @@ def _predict(args) -> None:
     from skindiff.classifier import predict
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing: raise ConfigError(f"IMAGE: {missing[0]} does not exist" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    for row in predict(args.model, args.images, k=args.k, tta=args.tta, device=args.device, calibrated=not args.uncalibrated):
+    for row in predict(args.model, args.images, k=args.k, tta=args.tta, device=args.device, calibrated=not args.uncalibrated,
+                       same_lesion=args.same_lesion):
         print(f"{row['image']}: " + ", ".join(f"{c} {p:.3f}" for c, p in row["top"]))
 
 def _download(args) -> None:

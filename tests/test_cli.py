@@ -113,3 +113,34 @@ def test_evaluate_decodes_at_the_models_source_size(tmp_path, data_root, monkeyp
     assert main(["evaluate", "--model", str(ckpt), "--data", str(data_root/"ph2"), "--out", str(out), "--n-boot", "0"]) == 0
     m = json.loads((out/"metrics.json").read_text())
     assert sizes == [8] and m["image_size"] == SIZE and m["resized_from"] == [8, 8]
+
+
+def test_predict_same_lesion_prints_the_mean_of_the_images(tmp_path, data_root, capsys):
+    ckpt = _model(tmp_path/"clf.pt")
+    imgs = [str(p) for p in sorted((data_root/"ph2").rglob("*.jpg"))[:2]]
+    assert main(["predict", "--model", str(ckpt), "-k", str(len(SKIN_CLASSES)), "--same-lesion", *imgs]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[2].startswith("one lesion (2 images): ")
+    probs = [dict((tok.rsplit(" ", 1)[0], float(tok.rsplit(" ", 1)[1])) for tok in line.split(": ", 1)[1].split(", ")) for line in lines]
+    for c in SKIN_CLASSES:                                    # eq 15.11: the lesion's probability is the mean of its images'
+        assert abs(probs[2][c] - (probs[0][c] + probs[1][c])/2) < 2e-3
+
+
+def test_evaluate_fuse_lesions(tmp_path, data_root, capsys):
+    ckpt = _model(tmp_path/"clf.pt")
+    from skindiff.core import ConfigError
+    from skindiff.classifier import evaluate_checkpoint
+    with pytest.raises(ConfigError, match="lesion ids"):               # data without lesion ids (DermaMNIST) cannot be fused
+        evaluate_checkpoint(ckpt, torch.zeros(2, 3, SIZE, SIZE, dtype=torch.uint8), [0, 1], ["a", "b"], None, list(SKIN_CLASSES),
+                            groups=None, n_boot=0, fuse_lesions=True)
+    skin_split(data_root, out=tmp_path/"split.csv")
+    out = tmp_path/"eval"
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(data_root/"ham10000"), "--split-csv", str(tmp_path/"split.csv"),
+                 "--split", "val", "--fuse-lesions", "--n-boot", "0", "--out", str(out)]) == 0
+    import pandas as pd
+    pred = pd.read_csv(out/"predictions.csv").set_index("image")
+    split = pd.read_csv(tmp_path/"split.csv").set_index("image_id")
+    lesion = split.loc[pred.index, "lesion_id"]
+    assert json.loads((out/"metrics.json").read_text())["fused_lesions"] is True
+    assert (pred.groupby(lesion.values).nunique() == 1).all().all()   # every image of a lesion has the same probabilities
+    assert lesion.duplicated().any()                                  # and some lesions do have several images
