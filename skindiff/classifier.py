@@ -39,7 +39,7 @@ __all__ = ['LITE0_ARCH', 'LITE0_STAGE_DEPTHS', 'CONVERTED_FORMAT', 'LITE_WEIGHTS
            'plot_roc_curves', 'plot_reliability', 'prediction_columns', 'write_predictions_csv', 'evaluate',
            'metrics_table', 'mean_nll', 'temperature_scale', 'fit_temperature', 'ClassifierTrainResult',
            'train_classifier', 'EnsembleClassifier', 'save_classifier', 'load_classifier', 'source_size',
-           'classifier_inputs', 'evaluate_checkpoint', 'predict']
+           'metadata_model', 'classifier_inputs', 'evaluate_checkpoint', 'predict']
 
 # %% ../nbs/15_classifier.ipynb #aca8e2e5
 LITE0_ARCH = "tf_efficientnet_lite0"
@@ -1094,13 +1094,16 @@ def save_classifier(model: nn.Module, path: str | os.PathLike, meta: dict) -> Pa
     given, is the calibration T of eq 15.10 that `evaluate_checkpoint` and `predict` apply; `meta['colour_constancy']`, when
     not 0 or None, the p of eq 14.1 that the training images went through, which `classifier_inputs` repeats;
     `meta['source_size']`, when given, the resolution the training images were upsampled from (chapter 16's DermaMNIST
-    model: 28 px shown to the network at 64), which `classifier_inputs` and the CLI repeat."""
+    model: 28 px shown to the network at 64), which `classifier_inputs` and the CLI repeat; `meta['metadata_model']`,
+    when given, the age/sex/site model of eq 16.3 (`skindiff.metadata.MetadataModel.to_dict()`, chapter 16) that
+    `evaluate_checkpoint(metadata=...)` and `predict(metadata=...)` pool with the image."""
     need = ("arch", "classes", "image_size", "mean", "std")
     missing = [k for k in need if k not in meta]
     if missing: raise ConfigError(f"meta: missing {missing}; expected at least {list(need)}")
     if "temperature" in meta: _check_temperature(meta["temperature"], "meta['temperature']")
     if meta.get("colour_constancy"): _check_colour_constancy(meta["colour_constancy"])
     if meta.get("source_size") is not None: _check_source_size(meta)
+    if meta.get("metadata_model") is not None: metadata_model(meta)
     if isinstance(model, EnsembleClassifier):
         archs = meta.get("member_archs")
         if archs is not None and (not isinstance(archs, (list, tuple)) or len(archs) != len(model.members)):
@@ -1135,6 +1138,9 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
     if meta.get("source_size") is not None:
         try: _check_source_size(meta)
         except ConfigError as e: raise CheckpointError(f"{path}: {e}") from None
+    if meta.get("metadata_model") is not None:
+        try: metadata_model(meta)
+        except ConfigError as e: raise CheckpointError(f"{path}: meta {e}") from None
     make = lambda arch: create_classifier(len(meta["classes"]), arch, pretrained=False)
     model = make(archs[0]) if k is None else EnsembleClassifier([make(a) for a in archs])
     try: model.load_state_dict(state)
@@ -1159,6 +1165,17 @@ def source_size(meta: dict) -> int:
     _check_source_size(meta)
     return int(meta["source_size"])
 
+def metadata_model(meta: dict, where: str = "the classifier"):
+    """The age/sex/site model of eq 16.3 (`skindiff.metadata.MetadataModel`, chapter 16) that `meta` carries; a clear
+    error when it has none, or one for other classes."""
+    from skindiff.metadata import MetadataModel
+    d = meta.get("metadata_model")
+    if d is None: raise ConfigError(f"{where} has no age/sex/site model (eq 16.3); chapter 16 saves one with its classifier")
+    mm = MetadataModel.from_dict(d)
+    if list(mm.classes) != list(meta["classes"]):
+        raise ConfigError(f"metadata_model: classes {mm.classes} differ from the classifier's {list(meta['classes'])}")
+    return mm
+
 def classifier_inputs(images, meta: dict) -> Tensor:
     """uint8 `images` N×3×H×W as the classifier of `meta` saw its training images: images of another size than
     `meta['image_size']` are first brought down to `source_size(meta)` when they are larger (so that a model trained on
@@ -1180,15 +1197,19 @@ def classifier_inputs(images, meta: dict) -> Tensor:
 def evaluate_checkpoint(ckpt: str | os.PathLike, images, labels, image_ids: Sequence[str], out_dir: str | os.PathLike | None,
                         class_names: Sequence[str], groups=None, tta: bool = False, n_boot: int = 1000, seed: int = 0,
                         device: str | torch.device | None = None, batch_size: int | None = None, progress: bool = False,
-                        calibrated: bool = True, fuse_lesions: bool = False) -> dict:
+                        calibrated: bool = True, fuse_lesions: bool = False, metadata=None) -> dict:
     """Evaluate the classifier `ckpt` on uint8 `images` N×3×H×W with `labels` indexing `class_names`; writes
     predictions.csv, metrics.json and figures to `out_dir` (see `evaluate`). The images go through `classifier_inputs`
     (resized when they are another size; colour-corrected when the model was trained so). The
     probabilities are temperature-scaled (eq 15.10) by the file's `meta['temperature']` unless `calibrated` is False;
-    the metrics record the `temperature` used. `fuse_lesions` gives every image its lesion's mean probabilities
-    (eq 15.11, `groups` holding the lesion ids)."""
+    the metrics record the `temperature` used. `metadata`, a DataFrame with one row of age, sex and localization per
+    image, pools them with the file's age/sex/site model (eq 16.3). `fuse_lesions` then gives every image its lesion's
+    mean probabilities (eq 15.11, `groups` holding the lesion ids)."""
     if fuse_lesions and groups is None: raise ConfigError("fuse_lesions: the data has no lesion ids (groups) to fuse by")
     model, meta = load_classifier(ckpt, device=get_device(device))
+    mm = None if metadata is None else metadata_model(meta, str(ckpt))
+    if mm is not None and len(metadata) != len(images):
+        raise ConfigError(f"metadata: {len(metadata)} rows for {len(images)} images; expected one row per image")
     if list(meta["classes"]) != list(class_names):
         raise SkindiffError(f"{ckpt} was trained on classes {list(meta['classes'])}, but the data has classes {list(class_names)}; "
                             "evaluate it on data with the same classes in the same order")
@@ -1197,16 +1218,32 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, images, labels, image_ids: Sequ
     p = predict_proba(model, x, meta["mean"], meta["std"], batch_size, tta, device, progress)
     T = float(meta.get("temperature", 1.0)) if calibrated else 1.0
     if T != 1.0: p = temperature_scale(p, T)
+    if mm is not None: p = mm.pool(p, metadata)
     if fuse_lesions: p = fuse_by_group(p, groups)
     return evaluate(p, labels, image_ids, class_names, out_dir, groups, n_boot=n_boot, seed=seed,
                     extra=dict(checkpoint=str(ckpt), arch=meta["arch"], image_size=int(meta["image_size"]), tta=tta, temperature=T,
-                               fused_lesions=bool(fuse_lesions),
-                               colour_constancy=meta.get("colour_constancy"), resized_from=list(images.shape[-2:]) if resized else None))
+                               fused_lesions=bool(fuse_lesions), metadata=None if mm is None else list(metadata.columns),
+                               alpha=None if mm is None else mm.alpha, colour_constancy=meta.get("colour_constancy"), resized_from=list(images.shape[-2:]) if resized else None))
+
+def _patient_rows(mm, patient: dict, n: int) -> pd.DataFrame:
+    "`n` rows of one patient's age, sex and localization for `mm`; what it does not know is refused, naming what it knows."
+    import pandas as pd
+    from skindiff.metadata import METADATA_COLUMNS, SEXES, UNKNOWN, check_metadata
+    extra = sorted(set(patient) - set(METADATA_COLUMNS))
+    if extra: raise ConfigError(f"metadata: unknown key(s) {extra}; expected {list(METADATA_COLUMNS)}")
+    row = {"age": patient.get("age"), "sex": patient.get("sex") or UNKNOWN, "localization": patient.get("localization") or UNKNOWN}
+    if row["sex"] not in SEXES: raise ConfigError(f"sex {row['sex']!r}: expected one of {list(SEXES)}")
+    if row["localization"] not in mm.sites:
+        raise ConfigError(f"site {row['localization']!r}: the model knows {', '.join(mm.sites)}")
+    return check_metadata(pd.DataFrame([row]*n, columns=list(METADATA_COLUMNS)), "metadata")
 
 def predict(ckpt: str | os.PathLike, image_paths: Sequence[str | os.PathLike], k: int = 3, tta: bool = False,
-            device: str | torch.device | None = None, calibrated: bool = True, same_lesion: bool = False) -> list[dict]:
+            device: str | torch.device | None = None, calibrated: bool = True, same_lesion: bool = False,
+            metadata: dict | None = None) -> list[dict]:
     """Top-`k` classes with probabilities for each image file: `[{'image': path, 'top': [(class, prob), ...]}, ...]`;
     the probabilities are temperature-scaled by the file's `meta['temperature']` (eq 15.10) unless `calibrated` is False.
+    `metadata` (`{'age': years or None, 'sex': ..., 'localization': ...}`, one patient for all the images) pools them
+    with the file's age/sex/site model (eq 16.3; a sex or site it does not know is refused, naming the ones it knows).
     With `same_lesion` (the images show one lesion) a last row, `{'image': 'one lesion (N images)', 'images': [...],
     'top': ...}`, holds their fused prediction (eq 15.11)."""
     from skindiff.data import read_image, fit_image
@@ -1214,11 +1251,14 @@ def predict(ckpt: str | os.PathLike, image_paths: Sequence[str | os.PathLike], k
     classes = list(meta["classes"])
     if not 1 <= k <= len(classes): raise ConfigError(f"k={k}: expected 1 <= k <= {len(classes)} (the number of classes)")
     if not image_paths: raise ConfigError("image_paths: no images given")
+    mm = None if metadata is None else metadata_model(meta, str(ckpt))
+    if mm is not None: metadata = _patient_rows(mm, metadata, len(image_paths))
     size = source_size(meta)              # decode at the resolution of the training images' information
     x = torch.from_numpy(np.stack([np.asarray(fit_image(read_image(p), size, "crop")) for p in image_paths])).permute(0, 3, 1, 2).contiguous()
     p = predict_proba(model, classifier_inputs(x, meta), meta["mean"], meta["std"], tta=tta, device=device)
     T = float(meta.get("temperature", 1.0)) if calibrated else 1.0
     if T != 1.0: p = temperature_scale(p, T)
+    if mm is not None: p = mm.pool(p, metadata)
     top = p.topk(k, dim=1)
     rows = [dict(image=str(path), top=[(classes[int(c)], float(v)) for v, c in zip(vals, idx)])
             for path, vals, idx in zip(image_paths, top.values, top.indices)]

@@ -8,12 +8,13 @@ Docs: https://skindiff.github.io/skindiff/cli.html.md"""
 from __future__ import annotations
 import argparse, sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from .core import ConfigError, SkindiffError
 from . import study
 
 # %% auto #0
-__all__ = ['EXIT_USAGE', 'EXIT_FAILED', 'evaluation_data', 'main']
+__all__ = ['EXIT_USAGE', 'EXIT_FAILED', 'EvaluationData', 'evaluation_data', 'main']
 
 # %% ../nbs/99_cli.ipynb #7ff3a4e1
 EXIT_USAGE, EXIT_FAILED = 2, 1
@@ -44,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="score the raw probabilities, without the model's calibration temperature (eq 15.10)")
     e.add_argument("--fuse-lesions", action="store_true",
                    help="give every image its lesion's mean probabilities (eq 15.11; needs lesion ids: HAM10000 or a split CSV)")
+    e.add_argument("--metadata", action="store_true",
+                   help="pool the image with the patient's age, sex and body site (eq 16.3; needs HAM10000's metadata CSV)")
     e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (default: 1000)")
     e.add_argument("--device", help="cpu, cuda or cuda:N")
     r = sub.add_parser("predict", help="top-k classes of lesion images", description="Print the top-k classes with probabilities.")
@@ -53,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
     r.add_argument("--uncalibrated", action="store_true", help="print the raw probabilities, without the model's calibration temperature")
     r.add_argument("--same-lesion", action="store_true", help="the images show one lesion: also print their fused prediction (eq 15.11)")
+    r.add_argument("--age", type=float, help="the patient's age in years: pool it with the image (eq 16.3), with --sex and --site")
+    r.add_argument("--sex", help="the patient's sex: male, female or unknown (eq 16.3)")
+    r.add_argument("--site", help="the lesion's body site, e.g. back, face, 'lower extremity' (eq 16.3; an unknown one lists them)")
     r.add_argument("--device", help="cpu, cuda or cuda:N")
     d = sub.add_parser("download", help="download a skin dataset (needs the internet)",
                        description="Download, verify (size and checksum) and unpack a dataset; nothing is left half-written.")
@@ -61,10 +67,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/99_cli.ipynb #3af23fee
+class EvaluationData(NamedTuple):
+    "What `skindiff evaluate` scores."
+    images: Any                 # uint8 N×3×size×size
+    labels: Any                 # N, indexing SKIN_CLASSES
+    image_ids: list
+    groups: Any                 # lesion ids N, or None
+    description: str
+    metadata: Any = None        # DataFrame of age, sex, localization (one row per image), or None when the data has none
+
 def evaluation_data(data: str, format: str | None = None, size: int = 64, split: str | None = None,
-                    split_csv: str | None = None):
-    """What `skindiff evaluate` scores: (uint8 images N×3×size×size, labels, image ids, lesion ids or None, a
-    description). DermaMNIST takes `split` from its .npz (default test); other formats take it from `split_csv`."""
+                    split_csv: str | None = None) -> EvaluationData:
+    """What `skindiff evaluate` scores (`EvaluationData`: images, labels, image ids, lesion ids, a description and the
+    patient metadata). DermaMNIST takes `split` from its .npz (default test); other formats take it from `split_csv`."""
     import pandas as pd
     from skindiff import skin
     root = Path(data).expanduser()
@@ -75,7 +90,7 @@ def evaluation_data(data: str, format: str | None = None, size: int = 64, split:
         if npz is None: raise ConfigError(f"--data {root}: no DermaMNIST .npz there")
         split = split or "test"
         x, y = skin.load_dermamnist(npz, split, size)
-        return x, y, [f"dermamnist_{split}_{i:05d}" for i in range(len(y))], None, f"{npz} [{split}]"
+        return EvaluationData(x, y, [f"dermamnist_{split}_{i:05d}" for i in range(len(y))], None, f"{npz} [{split}]")
     table = skin.read_skin_table(root, fmt)
     if split_csv is not None:
         assigned = skin.read_split_csv(split_csv)[["image_id", "split"]]
@@ -87,20 +102,28 @@ def evaluation_data(data: str, format: str | None = None, size: int = 64, split:
         table = table[table["split"] == split].reset_index(drop=True)
     x, y = skin.skin_tensors(table, None, size, dataset=fmt)
     groups = table["lesion_id"] if "lesion_id" in table and table["lesion_id"].notna().all() else None
-    return x, y, list(table["image_id"]), groups, f"{root} ({fmt}{', ' + split if split else ''}, {len(table)} images)"
+    from skindiff.metadata import METADATA_COLUMNS
+    meta = table[list(METADATA_COLUMNS)].reset_index(drop=True) if set(METADATA_COLUMNS) <= set(table) else None
+    return EvaluationData(x, y, list(table["image_id"]), groups, f"{root} ({fmt}{', ' + split if split else ''}, {len(table)} images)", meta)
 
 def _evaluate(args) -> None:
     from skindiff.classifier import evaluate_checkpoint, load_classifier, metrics_table, source_size
     from skindiff.skin import SKIN_CLASSES
     _, meta = load_classifier(args.model)
-    x, y, ids, groups, what = evaluation_data(args.data, args.format, source_size(meta), args.split, args.split_csv)   # evaluate_checkpoint upsamples
+    if args.metadata and meta.get("metadata_model") is None:
+        raise ConfigError(f"--metadata: {args.model} has no age/sex/site model (eq 16.3); chapter 16's saved classifier has one")
+    x, y, ids, groups, what, patients = evaluation_data(args.data, args.format, source_size(meta), args.split, args.split_csv)   # evaluate_checkpoint upsamples
     if args.fuse_lesions and groups is None: raise ConfigError(f"--fuse-lesions: {what} has no lesion ids; use HAM10000 data or pass --split-csv")
+    if args.metadata and patients is None:
+        raise ConfigError(f"--metadata: {what} has no age, sex and localization columns (HAM10000's metadata CSV has them)")
     out = Path(args.out) if args.out else Path("skindiff-eval")/f"{Path(args.model).stem}-{Path(args.data).name}"
     T = meta.get("temperature")
     cal = ("; raw probabilities (--uncalibrated)" if args.uncalibrated else f"; probabilities calibrated with T = {T:.3f}") if T else ""
+    if args.metadata: cal += f"; pooled with age, sex and site (eq 16.3, alpha = {meta['metadata_model']['alpha']:g})"
     print(f"evaluating {args.model} ({meta['arch']}, {meta['image_size']} px) on {what}{cal}", flush=True)
     m = evaluate_checkpoint(args.model, x, y, ids, out, list(SKIN_CLASSES), groups=groups, tta=args.tta,
-                            n_boot=args.n_boot, device=args.device, calibrated=not args.uncalibrated, fuse_lesions=args.fuse_lesions)
+                            n_boot=args.n_boot, device=args.device, calibrated=not args.uncalibrated, fuse_lesions=args.fuse_lesions,
+                            metadata=patients if args.metadata else None)
     print(metrics_table(m))
     print(f"wrote {out}/metrics.json, {out}/predictions.csv (ISIC 2018 Task 3 format) and figures")
 
@@ -108,8 +131,12 @@ def _predict(args) -> None:
     from skindiff.classifier import predict
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing: raise ConfigError(f"IMAGE: {missing[0]} does not exist" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    for row in predict(args.model, args.images, k=args.k, tta=args.tta, device=args.device, calibrated=not args.uncalibrated,
-                       same_lesion=args.same_lesion):
+    given = {k: v for k, v in (("age", args.age), ("sex", args.sex), ("localization", args.site)) if v is not None}
+    rows = predict(args.model, args.images, k=args.k, tta=args.tta, device=args.device, calibrated=not args.uncalibrated,
+                   same_lesion=args.same_lesion, metadata=given or None)
+    if given: print("pooled with the patient's " + ", ".join(f"age {args.age:g}" if k == "age" else f"{'site' if k == 'localization' else k} {v}"
+                                                             for k, v in given.items()) + " (eq 16.3)")
+    for row in rows:
         print(f"{row['image']}: " + ", ".join(f"{c} {p:.3f}" for c, p in row["top"]))
 
 def _download(args) -> None:

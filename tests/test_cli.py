@@ -8,7 +8,7 @@ import torch
 from skindiff.cli import main, EXIT_USAGE, evaluation_data
 from skindiff.classifier import create_classifier, save_classifier
 from skindiff.data import find_data_root
-from skindiff.skin import SKIN_CLASSES, skin_split
+from skindiff.skin import SKIN_CLASSES, save_split_csv, skin_split
 
 SIZE = 32
 
@@ -144,3 +144,81 @@ def test_evaluate_fuse_lesions(tmp_path, data_root, capsys):
     assert json.loads((out/"metrics.json").read_text())["fused_lesions"] is True
     assert (pred.groupby(lesion.values).nunique() == 1).all().all()   # every image of a lesion has the same probabilities
     assert lesion.duplicated().any()                                  # and some lesions do have several images
+
+
+def _metadata_model(data_root, tmp_path, alpha=1.0):
+    "The age/sex/site model of eq 16.3 fitted on the HAM10000 training split, and a classifier file carrying it."
+    import dataclasses
+    from skindiff.metadata import fit_metadata_model
+    split = skin_split(data_root, out=tmp_path/"split.csv")
+    train = split[split["split"] == "train"]
+    mm = dataclasses.replace(fit_metadata_model(train, train["label_idx"].to_numpy(), list(SKIN_CLASSES)), alpha=alpha)
+    save_split_csv(split[split["split"] == "test"].head(150), tmp_path/"some_test.csv")     # a small test set, for speed
+    torch.manual_seed(0)
+    ckpt = save_classifier(create_classifier(len(SKIN_CLASSES), pretrained=False), tmp_path/"meta.pt",
+                           dict(arch="tf_efficientnet_lite0", classes=list(SKIN_CLASSES), image_size=SIZE, mean=[0.5] * 3,
+                                std=[0.5] * 3, metadata_model=mm.to_dict()))
+    return mm, ckpt
+
+
+def test_evaluate_metadata_pools_age_sex_and_site(tmp_path, data_root, capsys):
+    import numpy as np
+    import pandas as pd
+    mm, ckpt = _metadata_model(data_root, tmp_path, alpha=0.8)
+    pred = {}
+    for flag in ([], ["--metadata"]):
+        out = tmp_path/f"eval{len(flag)}"
+        assert main(["evaluate", "--model", str(ckpt), "--data", str(data_root/"ham10000"), "--split-csv", str(tmp_path/"some_test.csv"),
+                     "--split", "test", "--n-boot", "0", "--out", str(out), *flag]) == 0
+        pred[bool(flag)] = pd.read_csv(out/"predictions.csv").set_index("image")
+        m = json.loads((out/"metrics.json").read_text())
+        assert (m["alpha"], m["metadata"]) == ((0.8, ["age", "sex", "localization"]) if flag else (None, None))
+    assert "pooled with age, sex and site (eq 16.3, alpha = 0.8)" in capsys.readouterr().out
+    x, *_, patients = evaluation_data(str(data_root/"ham10000"), None, SIZE, "test", str(tmp_path/"some_test.csv"))
+    cols = [c.upper() for c in SKIN_CLASSES]
+    want = mm.pool(torch.tensor(pred[False].loc[_ids(x, tmp_path), cols].to_numpy()), patients)   # eq 16.3 on the plain run's output
+    np.testing.assert_allclose(pred[True].loc[_ids(x, tmp_path), cols].to_numpy(), want.numpy(), atol=2e-5)
+
+
+def _ids(x, tmp_path):
+    import pandas as pd
+    ids = pd.read_csv(tmp_path/"some_test.csv")["image_id"].tolist()
+    assert len(ids) == len(x) == 150
+    return ids
+
+
+def test_evaluate_metadata_needs_the_model_and_the_columns(tmp_path, data_root, capsys):
+    plain = _model(tmp_path/"clf.pt")
+    assert main(["evaluate", "--model", str(plain), "--data", str(data_root/"ph2"), "--metadata", "--n-boot", "0",
+                 "--out", str(tmp_path/"e1")]) == EXIT_USAGE
+    assert "has no age/sex/site model" in capsys.readouterr().err and not (tmp_path/"e1").exists()
+    _, ckpt = _metadata_model(data_root, tmp_path)
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(data_root/"ph2"), "--metadata", "--n-boot", "0",
+                 "--out", str(tmp_path/"e2")]) == EXIT_USAGE
+    assert "no age, sex and localization columns" in capsys.readouterr().err and not (tmp_path/"e2").exists()
+
+
+def test_predict_with_age_sex_and_site(tmp_path, data_root, capsys):
+    mm, ckpt = _metadata_model(data_root, tmp_path)
+    img = str(sorted((data_root/"ph2").rglob("*.jpg"))[0])
+    k = str(len(SKIN_CLASSES))
+    read = lambda line: dict((tok.rsplit(" ", 1)[0], float(tok.rsplit(" ", 1)[1])) for tok in line.split(": ", 1)[1].split(", "))
+    assert main(["predict", "--model", str(ckpt), "-k", k, img]) == 0
+    plain = read(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["predict", "--model", str(ckpt), "-k", k, "--age", "80", "--sex", "male", "--site", "face", img]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == "pooled with the patient's age 80, sex male, site face (eq 16.3)"
+    pooled = read(out[1])
+    import pandas as pd
+    want = mm.pool(torch.tensor([[plain[c] for c in SKIN_CLASSES]]), pd.DataFrame(dict(age=[80], sex=["male"], localization=["face"])))[0]
+    assert all(abs(pooled[c] - float(w)) < 2e-3 for c, w in zip(SKIN_CLASSES, want))
+    assert pooled["akiec"] + pooled["bcc"] > plain["akiec"] + plain["bcc"]     # keratinocyte cancers: old skin, sun-exposed sites
+    assert main(["predict", "--model", str(ckpt), "--site", "moon", img]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "site 'moon'" in err and "face" in err and "back" in err
+    assert main(["predict", "--model", str(ckpt), "--sex", "x", img]) == EXIT_USAGE
+    assert "male, female" in capsys.readouterr().err.replace("'", "")
+    assert main(["predict", "--model", str(ckpt), "--age", "-3", img]) == EXIT_USAGE
+    assert "age -3" in capsys.readouterr().err
+    assert main(["predict", "--model", str(_model(tmp_path/"plain.pt")), "--age", "50", img]) == EXIT_USAGE
+    assert "has no age/sex/site model" in capsys.readouterr().err
