@@ -1231,7 +1231,8 @@ def _patient_rows(mm, patient: dict, n: int) -> pd.DataFrame:
     from skindiff.metadata import METADATA_COLUMNS, SEXES, UNKNOWN, check_metadata
     extra = sorted(set(patient) - set(METADATA_COLUMNS))
     if extra: raise ConfigError(f"metadata: unknown key(s) {extra}; expected {list(METADATA_COLUMNS)}")
-    row = {"age": patient.get("age"), "sex": patient.get("sex") or UNKNOWN, "localization": patient.get("localization") or UNKNOWN}
+    word = lambda v: str(v).strip().lower() if v is not None and str(v).strip() else UNKNOWN    # "Back " is back
+    row = {"age": patient.get("age"), "sex": word(patient.get("sex")), "localization": word(patient.get("localization"))}
     if row["sex"] not in SEXES: raise ConfigError(f"sex {row['sex']!r}: expected one of {list(SEXES)}")
     if row["localization"] not in mm.sites:
         raise ConfigError(f"site {row['localization']!r}: the model knows {', '.join(mm.sites)}")
@@ -1243,7 +1244,8 @@ def predict(ckpt: str | os.PathLike, image_paths: Sequence[str | os.PathLike], k
     """Top-`k` classes with probabilities for each image file: `[{'image': path, 'top': [(class, prob), ...]}, ...]`;
     the probabilities are temperature-scaled by the file's `meta['temperature']` (eq 15.10) unless `calibrated` is False.
     `metadata` (`{'age': years or None, 'sex': ..., 'localization': ...}`, one patient for all the images) pools them
-    with the file's age/sex/site model (eq 16.3; a sex or site it does not know is refused, naming the ones it knows).
+    with the file's age/sex/site model (eq 16.3; case does not matter, and a sex or site it does not know is refused,
+    naming the ones it knows).
     With `same_lesion` (the images show one lesion) a last row, `{'image': 'one lesion (N images)', 'images': [...],
     'top': ...}`, holds their fused prediction (eq 15.11)."""
     from skindiff.data import read_image, fit_image

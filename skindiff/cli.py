@@ -131,7 +131,8 @@ def _predict(args) -> None:
     from skindiff.classifier import predict
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing: raise ConfigError(f"IMAGE: {missing[0]} does not exist" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    given = {k: v for k, v in (("age", args.age), ("sex", args.sex), ("localization", args.site)) if v is not None}
+    given = {k: v.strip().lower() if isinstance(v, str) else v
+             for k, v in (("age", args.age), ("sex", args.sex), ("localization", args.site)) if v is not None}
     rows = predict(args.model, args.images, k=args.k, tta=args.tta, device=args.device, calibrated=not args.uncalibrated,
                    same_lesion=args.same_lesion, metadata=given or None)
     if given: print("pooled with the patient's " + ", ".join(f"age {args.age:g}" if k == "age" else f"{'site' if k == 'localization' else k} {v}"

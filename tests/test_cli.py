@@ -205,7 +205,7 @@ def test_predict_with_age_sex_and_site(tmp_path, data_root, capsys):
     read = lambda line: dict((tok.rsplit(" ", 1)[0], float(tok.rsplit(" ", 1)[1])) for tok in line.split(": ", 1)[1].split(", "))
     assert main(["predict", "--model", str(ckpt), "-k", k, img]) == 0
     plain = read(capsys.readouterr().out.strip().splitlines()[-1])
-    assert main(["predict", "--model", str(ckpt), "-k", k, "--age", "80", "--sex", "male", "--site", "face", img]) == 0
+    assert main(["predict", "--model", str(ckpt), "-k", k, "--age", "80", "--sex", "Male", "--site", " face", img]) == 0   # case and spaces do not matter
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0] == "pooled with the patient's age 80, sex male, site face (eq 16.3)"
     pooled = read(out[1])
