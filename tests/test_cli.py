@@ -39,10 +39,13 @@ def test_evaluate_ph2_writes_metrics_and_isic_csv(tmp_path, data_root, capsys):
 
 def test_evaluate_with_split_csv_keeps_only_that_split(tmp_path, data_root):
     split = skin_split(data_root, out=tmp_path/"split.csv")
-    x, y, ids, groups, what = evaluation_data(str(data_root/"ham10000"), None, 16, "test", str(tmp_path/"split.csv"))
+    x, y, ids, groups, what, patients = evaluation_data(str(data_root/"ham10000"), None, 16, "test", str(tmp_path/"split.csv"))
     test_ids = set(split.loc[split["split"] == "test", "image_id"])
     assert set(ids) == test_ids and len(x) == len(y) == len(ids) and x.shape[1:] == (3, 16, 16)
     assert groups is not None and len(groups) == len(ids)
+    assert list(patients.columns) == ["age", "sex", "localization"] and len(patients) == len(ids)   # eq 16.3's inputs, row by row
+    want = split.set_index("image_id").loc[ids, "localization"].tolist()
+    assert patients["localization"].tolist() == want
 
 
 def test_evaluate_model_of_other_classes_is_refused(tmp_path, data_root, capsys):
