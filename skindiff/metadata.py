@@ -80,9 +80,12 @@ class MetadataModel:
     alpha: float = 1.0               # α of eq 16.3 (chapter 16 picks it on validation NLL)
 
     def __post_init__(self):
-        if not self.classes or not all(isinstance(c, str) for c in self.classes): raise ConfigError(f"MetadataModel.classes={self.classes!r}: expected class names")
-        if UNKNOWN not in self.sites: raise ConfigError(f"MetadataModel.sites={self.sites!r}: expected a list of body sites holding {UNKNOWN!r}")
-        if not (math.isfinite(self.age_mean) and math.isfinite(self.age_sd) and self.age_sd > 0):
+        names = lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(c, str) for c in v)
+        if not names(self.classes): raise ConfigError(f"MetadataModel.classes={self.classes!r}: expected a list of class names")
+        if not names(self.sites) or UNKNOWN not in self.sites:
+            raise ConfigError(f"MetadataModel.sites={self.sites!r}: expected a list of body sites holding {UNKNOWN!r}")
+        number = lambda v: not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v)
+        if not (number(self.age_mean) and number(self.age_sd) and self.age_sd > 0):
             raise ConfigError(f"MetadataModel: age_mean={self.age_mean!r}, age_sd={self.age_sd!r}; expected finite numbers, sd > 0")
         C, F = len(self.classes), 3 + len(SEXES) + len(self.sites)
         self.weight, self.bias, self.log_prior = (_floats(self.weight, (C, F), "weight"), _floats(self.bias, (C,), "bias"),

@@ -65,6 +65,8 @@ def test_unknown_values_and_bad_input():
     with pytest.raises(ConfigError, match="keys"): MetadataModel.from_dict({k: v for k, v in d.items() if k != "weight"})
     with pytest.raises(ConfigError, match="weight"): MetadataModel.from_dict(d | dict(weight=[[0.0]]))
     with pytest.raises(ConfigError, match="unknown"): MetadataModel.from_dict(d | dict(sites=["back"]))
+    for bad in (dict(sites=None), dict(classes="abc"), dict(age_sd="ten"), dict(age_mean=None), dict(age_sd=0.0)):
+        with pytest.raises(ConfigError, match="MetadataModel"): MetadataModel.from_dict(d | bad)     # damaged files: clear errors
 
 
 def test_a_classifier_file_carries_it(tmp_path):
