@@ -1208,6 +1208,7 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, images, labels, image_ids: Sequ
     if fuse_lesions and groups is None: raise ConfigError("fuse_lesions: the data has no lesion ids (groups) to fuse by")
     model, meta = load_classifier(ckpt, device=get_device(device))
     mm = None if metadata is None else metadata_model(meta, str(ckpt))
+    from skindiff.metadata import METADATA_COLUMNS          # the columns mm reads (others in `metadata` are ignored)
     if mm is not None and len(metadata) != len(images):
         raise ConfigError(f"metadata: {len(metadata)} rows for {len(images)} images; expected one row per image")
     if list(meta["classes"]) != list(class_names):
@@ -1222,7 +1223,7 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, images, labels, image_ids: Sequ
     if fuse_lesions: p = fuse_by_group(p, groups)
     return evaluate(p, labels, image_ids, class_names, out_dir, groups, n_boot=n_boot, seed=seed,
                     extra=dict(checkpoint=str(ckpt), arch=meta["arch"], image_size=int(meta["image_size"]), tta=tta, temperature=T,
-                               fused_lesions=bool(fuse_lesions), metadata=None if mm is None else list(metadata.columns),
+                               fused_lesions=bool(fuse_lesions), metadata=None if mm is None else list(METADATA_COLUMNS),
                                alpha=None if mm is None else mm.alpha, colour_constancy=meta.get("colour_constancy"), resized_from=list(images.shape[-2:]) if resized else None))
 
 def _patient_rows(mm, patient: dict, n: int) -> pd.DataFrame:
