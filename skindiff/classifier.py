@@ -38,8 +38,8 @@ __all__ = ['LITE0_ARCH', 'LITE0_STAGE_DEPTHS', 'CONVERTED_FORMAT', 'LITE_WEIGHTS
            'expected_calibration_error', 'classification_metrics', 'bootstrap_ci', 'plot_confusion_matrix',
            'plot_roc_curves', 'plot_reliability', 'prediction_columns', 'write_predictions_csv', 'evaluate',
            'metrics_table', 'mean_nll', 'temperature_scale', 'fit_temperature', 'ClassifierTrainResult',
-           'train_classifier', 'EnsembleClassifier', 'save_classifier', 'load_classifier', 'source_size',
-           'metadata_model', 'classifier_inputs', 'evaluate_checkpoint', 'predict']
+           'cpu_bf16_native', 'cpu_bf16_loss', 'train_classifier', 'EnsembleClassifier', 'save_classifier',
+           'load_classifier', 'source_size', 'metadata_model', 'classifier_inputs', 'evaluate_checkpoint', 'predict']
 
 # %% ../nbs/15_classifier.ipynb #aca8e2e5
 LITE0_ARCH = "tf_efficientnet_lite0"
@@ -583,10 +583,6 @@ def depthwise_extension():
                       "training uses PyTorch's own (slower on a CPU)")
     return _depthwise["ext"]
 
-def _cpu_autocast() -> bool:
-    try: return torch.is_autocast_enabled("cpu")
-    except TypeError: return torch.is_autocast_cpu_enabled()         # torch < 2.4
-
 class _DepthwiseConv2dFn(torch.autograd.Function):
     "conv2d with groups = channels; PyTorch's forward and input gradient, the weight gradient of eq 15.9 compiled."
     @staticmethod
@@ -610,22 +606,26 @@ class _DepthwiseConv2dFn(torch.autograd.Function):
 
 class DepthwiseConv2d(nn.Conv2d):
     """A depthwise `nn.Conv2d` (groups = in = out channels, k×k, k in `DEPTHWISE_KERNEL_SIZES`) whose weight gradient
-    on a CPU comes from the compiled kernel of eq 15.9; elsewhere (GPU, no gradient, autocast, float64, no compiler)
-    it is the plain convolution. `same_pad` pads like timm's `Conv2dSame` (TensorFlow's 'SAME')."""
+    on a CPU comes from the compiled kernel of eq 15.9; elsewhere (GPU, no gradient, float64, no compiler) it is the
+    plain convolution. Under CPU bfloat16 autocast it leaves autocast and runs in float32 through the kernel (PyTorch's
+    bfloat16 depthwise weight gradient is slower than its float32 one). `same_pad` pads like timm's `Conv2dSame`
+    (TensorFlow's 'SAME')."""
     def __init__(self, *args, same_pad: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.same_pad = same_pad
 
     def _compiled(self, x: Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and torch.is_grad_enabled()
-                and self.weight.requires_grad and not _cpu_autocast() and depthwise_extension() is not None)
+        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and self.weight.dtype == torch.float32
+                and torch.is_grad_enabled() and self.weight.requires_grad and depthwise_extension() is not None)
 
     def forward(self, x: Tensor) -> Tensor:
         padding = self.padding
         if self.same_pad:
             from timm.layers import pad_same
             x, padding = pad_same(x, self.kernel_size, self.stride, self.dilation), (0, 0)
-        if self._compiled(x): return _DepthwiseConv2dFn.apply(x, self.weight, self.bias, self.stride, padding)
+        if self._compiled(x):
+            with torch.autocast("cpu", enabled=False):
+                return _DepthwiseConv2dFn.apply(x.float(), self.weight, self.bias, self.stride, padding)
         return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 def use_depthwise_kernel(model: nn.Module, kernel_sizes: Sequence[int] = SLOW_DEPTHWISE_SIZES) -> int:
@@ -961,6 +961,19 @@ class ClassifierTrainResult:
     seconds: float | None = None          # wall seconds of training over every session of this run (None: not recorded)
     last: nn.Module | None = None         # the EMA at the last step (the selected model when it is that step)
 
+def cpu_bf16_native(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
+    "Whether this CPU multiplies bfloat16 natively (the `amx_bf16` or `avx512_bf16` flag of `cpuinfo`): where `cpu_bf16` pays."
+    try: return re.search(r"\b(amx_bf16|avx512_bf16)\b", Path(cpuinfo).read_text()) is not None
+    except OSError: return False
+
+def cpu_bf16_loss(loss_fn: Callable) -> Callable:
+    """`loss_fn` run under CPU bfloat16 autocast, returning a float32 loss. Matrix products and convolutions run in
+    bfloat16 on the CPU's bfloat16 units (AMX, AVX-512-BF16) while the weights, the optimizer and the loss stay float32;
+    the depthwise convolutions leave autocast for eq 15.9's float32 kernel (`DepthwiseConv2d`)."""
+    def wrapped(model: nn.Module, batch: tuple, generator: torch.Generator) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16): return loss_fn(model, batch, generator).float()
+    return wrapped
+
 def _split(data, name: str) -> tuple[Tensor, Tensor]:
     if not isinstance(data, (tuple, list)) or len(data) != 2: raise ConfigError(f"{name}: expected a pair (images uint8 N×3×H×W, labels N)")
     x, y = _as_uint8_images(data[0], f"{name}[0]"), torch.as_tensor(data[1]).long()
@@ -974,7 +987,7 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
                      ckpt_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
                      meta: dict | None = None, progress: bool = True, cache_trunk: int = 0,
                      trunk_cache: Tensor | None = None, layer_decay: float = 1.0, feature_crop: float = 1.0,
-                     feature_cutmix: float = 0.0) -> ClassifierTrainResult:
+                     feature_cutmix: float = 0.0, cpu_bf16: bool = False) -> ClassifierTrainResult:
     """Fine-tune `model` on `train_data` = (uint8 images N×3×H×W, labels) with weighted, label-smoothed cross-entropy
     (eqs 15.1–15.2) and augmentation; every `eval_every` steps score the EMA on `val_data` and keep the best
     balanced accuracy. Resumes from `ckpt_dir`. `cache_trunk=n` freezes the stem and `n` stages, re-estimates their
@@ -982,7 +995,10 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
     reuses the cache of an earlier run on the same images with the same `cache_trunk` and `augment` (the result's
     `trunk_cache`), so the members of an ensemble share one. `layer_decay` < 1 scales each stage's learning rate
     (`layer_decay_groups`). `feature_crop` < 1 (with `cache_trunk`) trains on random crops of that side of the cached
-    maps (`random_feature_crop`), and `feature_cutmix` = p CutMixes a batch of them with probability p (eq 15.8). The result's `seconds` is the training wall time summed over every session of the run (kept
+    maps (`random_feature_crop`), and `feature_cutmix` = p CutMixes a batch of them with probability p (eq 15.8).
+    `cpu_bf16` runs the training steps on a CPU under bfloat16 autocast (`cpu_bf16_loss`; CUDA always does, through
+    `TrainConfig.amp`) when the CPU has bfloat16 units (`cpu_bf16_native`; otherwise it warns and stays float32);
+    validation and the trunk cache stay float32. `meta['cpu_bf16']` says when it was used. The result's `seconds` is the training wall time summed over every session of the run (kept
     in selection.json), so a resumed run reports its whole cost; a finished run is loaded without rebuilding the cache."""
     x, y = _split(train_data, "train_data")
     C = len(class_names)
@@ -1006,6 +1022,13 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
     if feature_cutmix:
         if not cache_trunk: raise ConfigError(f"feature_cutmix={feature_cutmix} mixes the cached trunk features: it needs cache_trunk > 0")
         meta["feature_cutmix"] = float(feature_cutmix)
+    if not isinstance(cpu_bf16, bool): raise ConfigError(f"cpu_bf16={cpu_bf16!r}: expected True or False")
+    cpu_bf16 = cpu_bf16 and get_device(device).type == "cpu"
+    if cpu_bf16 and not cpu_bf16_native():
+        warnings.warn("cpu_bf16=True: this CPU has no bfloat16 units (amx_bf16 or avx512_bf16), where bfloat16 is slower "
+                      "than float32; training in float32")
+        cpu_bf16 = False
+    if cpu_bf16: meta["cpu_bf16"] = True
     if val_data is not None: xv, yv = _split(val_data, "val_data")
     every = cfg.steps if val_data is None or not eval_every else int(eval_every)
     if every <= 0: raise ConfigError(f"eval_every={eval_every}: expected a positive number of steps")
@@ -1037,7 +1060,9 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
         else: data = (x, y)
         loss_fn = (cached_trunk_loss_fn(cache_trunk, weight, label_smoothing, feature_crop, feature_cutmix) if cache_trunk
                    else classifier_loss_fn(mean, std, weight, label_smoothing, augment))
-        if get_device(device).type == "cpu": use_depthwise_kernel(model)     # eq 15.9's compiled weight gradient
+        if get_device(device).type == "cpu":
+            use_depthwise_kernel(model, DEPTHWISE_KERNEL_SIZES if cpu_bf16 else SLOW_DEPTHWISE_SIZES)   # eq 15.9's weight gradient
+            if cpu_bf16: loss_fn = cpu_bf16_loss(loss_fn)
         best = max(history, key=lambda h: h["balanced_accuracy"]) if history else None
         best_state = torch.load(best_path, map_location="cpu", weights_only=True) if best and best_path.is_file() else None
         res, seconds = None, spent

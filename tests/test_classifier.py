@@ -862,3 +862,46 @@ def test_source_size_is_repeated_by_evaluate_predict_and_checked(tmp_path):
     ck["meta"]["source_size"] = 64
     torch.save(ck, tmp_path/"tampered.pt")
     with pytest.raises(CheckpointError, match="source_size"): clf.load_classifier(tmp_path/"tampered.pt")
+
+
+def test_cpu_bf16_training():
+    "cpu_bf16: the steps run under CPU bfloat16 autocast with float32 depthwise layers; the first loss is float32's, rounded."
+    x, y = _tiny_data()
+    cfg = TrainConfig(steps=3, batch_size=8, lr=1e-3, seed=0)
+    kw = dict(class_names=["a", "b", "c"], device="cpu", progress=False, cache_trunk=2)
+    seen = []
+    orig = clf.DepthwiseConv2d.forward
+    def spy(self, h):
+        out = orig(self, h)
+        seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+        return out
+    runs = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        seen.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(clf.DepthwiseConv2d, "forward", spy)
+            mp.setattr(clf, "cpu_bf16_native", lambda: True)                    # as on this machine (AMX), wherever the test runs
+            runs[bf16] = r = clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, cpu_bf16=bf16, **kw)
+        assert r.meta.get("cpu_bf16", False) is bf16 and np.isfinite(r.train.losses).all()
+        if clf.depthwise_extension() is not None:
+            assert seen and all(dt == torch.float32 for _, dt in seen)            # depthwise output float32 either way
+            assert any(on for on, _ in seen) is bf16                               # … and called under autocast only with bf16
+    a, b = np.array(runs[False].train.losses), np.array(runs[True].train.losses)
+    assert abs(a[0] - b[0]) < 0.05*a[0] and a[0] != b[0]           # the first step (same weights, same batch): bfloat16 rounding only
+    with pytest.raises(ConfigError, match=r"cpu_bf16='yes'"):
+        clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, cpu_bf16="yes", **kw)
+    with pytest.MonkeyPatch.context() as mp:                                   # a CPU without bfloat16 units: float32, said once
+        mp.setattr(clf, "cpu_bf16_native", lambda: False)
+        torch.manual_seed(0)
+        with pytest.warns(UserWarning, match="no bfloat16 units"):
+            r = clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, cpu_bf16=True, **kw)
+    assert "cpu_bf16" not in r.meta and r.train.losses == runs[False].train.losses
+
+
+def test_cpu_bf16_native(tmp_path):
+    for flags, native in (("fpu sse avx512f avx512_bf16 avx512_fp16", True), ("fpu avx2 amx_tile amx_bf16", True),
+                          ("fpu avx2 avx512f avx512bw", False), ("fpu avx512_bf16x", False)):
+        (tmp_path/"cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert clf.cpu_bf16_native(tmp_path/"cpuinfo") is native, flags
+    assert clf.cpu_bf16_native(tmp_path/"missing") is False
