@@ -101,6 +101,7 @@ def main(argv=None):
     from skindiff.classifier import LITE_WEIGHTS
     bad = [x for x in a.archs if x not in LITE_WEIGHTS]
     if bad: ap.error(f"--archs {bad}: expected names from {sorted(LITE_WEIGHTS)}")
+    if a.cpu_bf16 and a.device != "cpu": ap.error(f"--cpu-bf16 measures CPU autocast; --device {a.device} trains under CUDA autocast already")
     rows = []
     for arch in a.archs:
         for s in a.sizes:
