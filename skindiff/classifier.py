@@ -37,7 +37,7 @@ __all__ = ['LITE0_ARCH', 'LITE0_STAGE_DEPTHS', 'CONVERTED_FORMAT', 'LITE_WEIGHTS
            'confusion_matrix', 'roc_curve', 'roc_auc', 'sensitivity_at_specificity', 'reliability_bins',
            'expected_calibration_error', 'classification_metrics', 'bootstrap_ci', 'plot_confusion_matrix',
            'plot_roc_curves', 'plot_reliability', 'prediction_columns', 'write_predictions_csv', 'evaluate',
-           'metrics_table', 'mean_nll', 'temperature_scale', 'fit_temperature', 'ClassifierTrainResult',
+           'metrics_table', 'mean_nll', 'temperature_scale', 'fit_temperature', 'ClassifierTrainResult', 'l2_sp_loss',
            'cpu_bf16_native', 'cpu_bf16_loss', 'train_classifier', 'EnsembleClassifier', 'save_classifier',
            'load_classifier', 'source_size', 'metadata_model', 'classifier_inputs', 'evaluate_checkpoint', 'predict']
 
@@ -961,6 +961,22 @@ class ClassifierTrainResult:
     seconds: float | None = None          # wall seconds of training over every session of this run (None: not recorded)
     last: nn.Module | None = None         # the EMA at the last step (the selected model when it is that step)
 
+def _check_l2_sp(strength) -> None:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength < math.inf:
+        raise ConfigError(f"l2_sp={strength!r}: expected a finite strength λ >= 0 (eq 15.12; 0: off)")
+
+def l2_sp_loss(loss_fn: Callable, model: nn.Module, strength: float) -> Callable:
+    """`loss_fn` plus eq 15.12: `strength` × the squared distance of `model`'s trainable parameters, except its
+    classifier's (`get_classifier()`), from their values now (call it before training, on the pretrained model)."""
+    _check_l2_sp(strength)
+    head = {id(p) for p in model.get_classifier().parameters()} if hasattr(model, "get_classifier") else set()
+    anchors = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad and id(p) not in head]
+    def wrapped(m: nn.Module, batch: tuple, generator: torch.Generator) -> Tensor:
+        loss = loss_fn(m, batch, generator)
+        dist = sum((p.float() - a.to(p.device, torch.float32)).pow(2).sum() for p, a in anchors)
+        return loss + strength*dist
+    return wrapped
+
 def cpu_bf16_native(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
     "Whether this CPU multiplies bfloat16 natively (the `amx_bf16` or `avx512_bf16` flag of `cpuinfo`): where `cpu_bf16` pays."
     try: return re.search(r"\b(amx_bf16|avx512_bf16)\b", Path(cpuinfo).read_text()) is not None
@@ -987,7 +1003,7 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
                      ckpt_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
                      meta: dict | None = None, progress: bool = True, cache_trunk: int = 0,
                      trunk_cache: Tensor | None = None, layer_decay: float = 1.0, feature_crop: float = 1.0,
-                     feature_cutmix: float = 0.0, cpu_bf16: bool = False) -> ClassifierTrainResult:
+                     feature_cutmix: float = 0.0, cpu_bf16: bool = False, l2_sp: float = 0.0) -> ClassifierTrainResult:
     """Fine-tune `model` on `train_data` = (uint8 images N×3×H×W, labels) with weighted, label-smoothed cross-entropy
     (eqs 15.1–15.2) and augmentation; every `eval_every` steps score the EMA on `val_data` and keep the best
     balanced accuracy. Resumes from `ckpt_dir`. `cache_trunk=n` freezes the stem and `n` stages, re-estimates their
@@ -998,7 +1014,8 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
     maps (`random_feature_crop`), and `feature_cutmix` = p CutMixes a batch of them with probability p (eq 15.8).
     `cpu_bf16` runs the training steps on a CPU under bfloat16 autocast (`cpu_bf16_loss`; CUDA always does, through
     `TrainConfig.amp`) when the CPU has bfloat16 units (`cpu_bf16_native`; otherwise it warns and stays float32);
-    validation and the trunk cache stay float32. `meta['cpu_bf16']` says when it was used. The result's `seconds` is the training wall time summed over every session of the run (kept
+    validation and the trunk cache stay float32. `meta['cpu_bf16']` says when it was used. `l2_sp` = λ > 0 pulls the
+    trained weights below the classifier toward the ones `model` starts with (eq 15.12, `l2_sp_loss`). The result's `seconds` is the training wall time summed over every session of the run (kept
     in selection.json), so a resumed run reports its whole cost; a finished run is loaded without rebuilding the cache."""
     x, y = _split(train_data, "train_data")
     C = len(class_names)
@@ -1029,6 +1046,8 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
                       "than float32; training in float32")
         cpu_bf16 = False
     if cpu_bf16: meta["cpu_bf16"] = True
+    _check_l2_sp(l2_sp)
+    if l2_sp: meta["l2_sp"] = float(l2_sp)
     if val_data is not None: xv, yv = _split(val_data, "val_data")
     every = cfg.steps if val_data is None or not eval_every else int(eval_every)
     if every <= 0: raise ConfigError(f"eval_every={eval_every}: expected a positive number of steps")
@@ -1063,6 +1082,7 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
         if get_device(device).type == "cpu":
             use_depthwise_kernel(model, DEPTHWISE_KERNEL_SIZES if cpu_bf16 else SLOW_DEPTHWISE_SIZES)   # eq 15.9's weight gradient
             if cpu_bf16: loss_fn = cpu_bf16_loss(loss_fn)
+        if l2_sp: loss_fn = l2_sp_loss(loss_fn, model, l2_sp)    # anchors: the weights before any step (train loads a resumed run's)
         best = max(history, key=lambda h: h["balanced_accuracy"]) if history else None
         best_state = torch.load(best_path, map_location="cpu", weights_only=True) if best and best_path.is_file() else None
         res, seconds = None, spent

@@ -905,3 +905,37 @@ def test_cpu_bf16_native(tmp_path):
         (tmp_path/"cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
         assert clf.cpu_bf16_native(tmp_path/"cpuinfo") is native, flags
     assert clf.cpu_bf16_native(tmp_path/"missing") is False
+
+
+def test_l2_sp():
+    "Eq 15.12: λ × squared distance from the starting weights, classifier excluded; training with it stays nearer ImageNet."
+    torch.manual_seed(0)
+    m = clf.create_classifier(3, pretrained=False)
+    clf.freeze_stages(m, 2)
+    base = lambda model, batch, g: torch.tensor(1.5)
+    f = clf.l2_sp_loss(base, m, 0.1)
+    assert float(f(m, None, None)) == pytest.approx(1.5)                    # at the anchors the penalty is 0
+    w = next(p for n, p in m.named_parameters() if n.startswith("blocks.3.") and p.requires_grad)
+    assert not m.conv_stem.weight.requires_grad
+    with torch.no_grad():
+        w.add_(0.5)
+        m.get_classifier().weight.add_(3.0)                                # the classifier is free
+        m.conv_stem.weight.add_(1.0)                                        # frozen by freeze_stages: not anchored
+    assert float(f(m, None, None)) == pytest.approx(1.5 + 0.1*0.25*w.numel(), rel=1e-4)
+    for bad in (-1.0, float("inf"), True, "0.1"):
+        with pytest.raises(ConfigError, match="l2_sp="): clf.l2_sp_loss(base, m, bad)
+    x, y = _tiny_data()
+    cfg = TrainConfig(steps=4, batch_size=8, lr=1e-2, seed=0)
+    kw = dict(class_names=["a", "b", "c"], device="cpu", progress=False, cache_trunk=2)
+    dist = {}
+    for lam in (0.0, 100.0):
+        torch.manual_seed(0)
+        model = clf.create_classifier(3, pretrained=False)
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        r = clf.train_classifier(model, (x, y), cfg, l2_sp=lam, **kw)
+        assert r.meta.get("l2_sp", 0.0) == lam and np.isfinite(r.train.losses).all()
+        dist[lam] = sum(float((p - start[n]).pow(2).sum()) for n, p in r.train.model.named_parameters()
+                        if n.startswith(("blocks.2.", "blocks.3.", "blocks.4.", "blocks.5.", "blocks.6.", "conv_head.")))
+    assert dist[100.0] < 0.5*dist[0.0]                                       # the pull holds the features nearer their start
+    with pytest.raises(ConfigError, match="l2_sp="):
+        clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, l2_sp=-1, **kw)
