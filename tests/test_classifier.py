@@ -939,3 +939,36 @@ def test_l2_sp():
     assert dist[100.0] < 0.5*dist[0.0]                                       # the pull holds the features nearer their start
     with pytest.raises(ConfigError, match="l2_sp="):
         clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, l2_sp=-1, **kw)
+
+
+def test_deferred_reweighting(tmp_path, monkeypatch):
+    "Eq 15.13: the weights of `imbalance` up to drw_step, of `drw_imbalance` after; a run killed after the switch resumes exactly."
+    g = torch.Generator().manual_seed(1)
+    y = torch.tensor([0]*30 + [1]*12 + [2]*6)                              # imbalanced, so sqrt and inverse weights differ
+    x = torch.randint(0, 60, (len(y), 3, 32, 32), generator=g, dtype=torch.uint8)
+    x[:, 0] += (y * 90).to(torch.uint8)[:, None, None]
+    cfg = TrainConfig(steps=6, batch_size=8, lr=1e-3, ema_decay=0.5, ckpt_every=1, keep_ckpts=10, seed=0)
+    kw = dict(class_names=["a", "b", "c"], eval_every=3, device="cpu", progress=False)
+    def fit(ckpt_dir=None, **extra):
+        torch.manual_seed(0)
+        return clf.train_classifier(clf.create_classifier(3, pretrained=False), (x, y), cfg, (x[::2], y[::2]),
+                                    ckpt_dir=ckpt_dir, **kw, **extra)
+    plain, drw = fit(), fit(tmp_path/"a", drw_step=2)
+    assert drw.meta["drw"] == dict(step=2, imbalance="inverse") and "drw" not in plain.meta
+    assert drw.train.losses[:2] == plain.train.losses[:2]                 # same weights up to the switch ...
+    assert drw.train.losses[2] != pytest.approx(plain.train.losses[2], rel=1e-6)   # ... different after it
+    assert [h["step"] for h in drw.history] == [3, 6]                     # the switch adds a slice, not a validation
+    real = clf.train
+    def killed(*a, stop_at=None, **k):                                    # the slice after the switch dies at step 4
+        if stop_at == 6: real(*a, stop_at=4, **k); raise KeyboardInterrupt
+        return real(*a, stop_at=stop_at, **k)
+    monkeypatch.setattr(clf, "train", killed)
+    with pytest.raises(KeyboardInterrupt): fit(tmp_path/"b", drw_step=2)
+    monkeypatch.setattr(clf, "train", real)
+    resumed = fit(tmp_path/"b", drw_step=2)
+    assert resumed.train.resumed_from == 4 and resumed.history == drw.history
+    for (k, v), w in zip(drw.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(v, w), k                                       # the late weights survived the kill
+    for bad in (-1, 6, True, 1.5):
+        with pytest.raises(ConfigError, match="drw_step="): fit(drw_step=bad)
+    with pytest.raises(ConfigError, match="imbalance="): fit(drw_step=2, drw_imbalance="cube")
