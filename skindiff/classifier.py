@@ -37,7 +37,7 @@ __all__ = ['LITE0_ARCH', 'LITE0_STAGE_DEPTHS', 'CONVERTED_FORMAT', 'LITE_WEIGHTS
            'confusion_matrix', 'roc_curve', 'roc_auc', 'sensitivity_at_specificity', 'reliability_bins',
            'expected_calibration_error', 'classification_metrics', 'bootstrap_ci', 'plot_confusion_matrix',
            'plot_roc_curves', 'plot_reliability', 'prediction_columns', 'write_predictions_csv', 'evaluate',
-           'metrics_table', 'mean_nll', 'temperature_scale', 'fit_temperature', 'ClassifierTrainResult', 'l2_sp_loss',
+           'metrics_table', 'mean_nll', 'temperature_scale', 'fit_temperature', 'ClassifierTrainResult',
            'cpu_bf16_native', 'cpu_bf16_loss', 'train_classifier', 'EnsembleClassifier', 'save_classifier',
            'load_classifier', 'source_size', 'metadata_model', 'classifier_inputs', 'evaluate_checkpoint', 'predict']
 
@@ -961,22 +961,6 @@ class ClassifierTrainResult:
     seconds: float | None = None          # wall seconds of training over every session of this run (None: not recorded)
     last: nn.Module | None = None         # the EMA at the last step (the selected model when it is that step)
 
-def _check_l2_sp(strength) -> None:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength < math.inf:
-        raise ConfigError(f"l2_sp={strength!r}: expected a finite strength λ >= 0 (eq 15.12; 0: off)")
-
-def l2_sp_loss(loss_fn: Callable, model: nn.Module, strength: float) -> Callable:
-    """`loss_fn` plus eq 15.12: `strength` × the squared distance of `model`'s trainable parameters, except its
-    classifier's (`get_classifier()`), from their values now (call it before training, on the pretrained model)."""
-    _check_l2_sp(strength)
-    head = {id(p) for p in model.get_classifier().parameters()} if hasattr(model, "get_classifier") else set()
-    anchors = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad and id(p) not in head]
-    def wrapped(m: nn.Module, batch: tuple, generator: torch.Generator) -> Tensor:
-        loss = loss_fn(m, batch, generator)
-        dist = sum((p.float() - a.to(p.device, torch.float32)).pow(2).sum() for p, a in anchors)
-        return loss + strength*dist
-    return wrapped
-
 def cpu_bf16_native(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
     "Whether this CPU multiplies bfloat16 natively (the `amx_bf16` or `avx512_bf16` flag of `cpuinfo`): where `cpu_bf16` pays."
     try: return re.search(r"\b(amx_bf16|avx512_bf16)\b", Path(cpuinfo).read_text()) is not None
@@ -1003,8 +987,7 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
                      ckpt_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
                      meta: dict | None = None, progress: bool = True, cache_trunk: int = 0,
                      trunk_cache: Tensor | None = None, layer_decay: float = 1.0, feature_crop: float = 1.0,
-                     feature_cutmix: float = 0.0, cpu_bf16: bool = False, l2_sp: float = 0.0, drw_step: int = 0,
-                     drw_imbalance: str = "inverse") -> ClassifierTrainResult:
+                     feature_cutmix: float = 0.0, cpu_bf16: bool = False) -> ClassifierTrainResult:
     """Fine-tune `model` on `train_data` = (uint8 images N×3×H×W, labels) with weighted, label-smoothed cross-entropy
     (eqs 15.1–15.2) and augmentation; every `eval_every` steps score the EMA on `val_data` and keep the best
     balanced accuracy. Resumes from `ckpt_dir`. `cache_trunk=n` freezes the stem and `n` stages, re-estimates their
@@ -1015,9 +998,7 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
     maps (`random_feature_crop`), and `feature_cutmix` = p CutMixes a batch of them with probability p (eq 15.8).
     `cpu_bf16` runs the training steps on a CPU under bfloat16 autocast (`cpu_bf16_loss`; CUDA always does, through
     `TrainConfig.amp`) when the CPU has bfloat16 units (`cpu_bf16_native`; otherwise it warns and stays float32);
-    validation and the trunk cache stay float32. `meta['cpu_bf16']` says when it was used. `l2_sp` = λ > 0 pulls the
-    trained weights below the classifier toward the ones `model` starts with (eq 15.12, `l2_sp_loss`). `drw_step` > 0
-    defers re-weighting (eq 15.13): the class weights of `imbalance` up to that step, of `drw_imbalance` after it. The result's `seconds` is the training wall time summed over every session of the run (kept
+    validation and the trunk cache stay float32. `meta['cpu_bf16']` says when it was used. The result's `seconds` is the training wall time summed over every session of the run (kept
     in selection.json), so a resumed run reports its whole cost; a finished run is loaded without rebuilding the cache."""
     x, y = _split(train_data, "train_data")
     C = len(class_names)
@@ -1048,13 +1029,6 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
                       "than float32; training in float32")
         cpu_bf16 = False
     if cpu_bf16: meta["cpu_bf16"] = True
-    _check_l2_sp(l2_sp)
-    if l2_sp: meta["l2_sp"] = float(l2_sp)
-    if isinstance(drw_step, bool) or not isinstance(drw_step, int) or not 0 <= drw_step < cfg.steps:
-        raise ConfigError(f"drw_step={drw_step!r}: expected a step in 0..{cfg.steps - 1} after which the class weights "
-                          f"become drw_imbalance's (eq 15.13; 0: off)")
-    weight_late = class_weights(y, C, drw_imbalance) if drw_step else None
-    if drw_step: meta["drw"] = dict(step=int(drw_step), imbalance=drw_imbalance)
     if val_data is not None: xv, yv = _split(val_data, "val_data")
     every = cfg.steps if val_data is None or not eval_every else int(eval_every)
     if every <= 0: raise ConfigError(f"eval_every={eval_every}: expected a positive number of steps")
@@ -1084,24 +1058,19 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
                                       f"{tuple(trunk_cache.shape) if isinstance(trunk_cache, Tensor) else type(trunk_cache).__name__}")
             data = (trunk_cache, y)
         else: data = (x, y)
-        on_cpu = get_device(device).type == "cpu"
-        if on_cpu: use_depthwise_kernel(model, DEPTHWISE_KERNEL_SIZES if cpu_bf16 else SLOW_DEPTHWISE_SIZES)   # eq 15.9's weight gradient
-        def make_loss(w: Tensor) -> Callable:
-            f = (cached_trunk_loss_fn(cache_trunk, w, label_smoothing, feature_crop, feature_cutmix) if cache_trunk
-                 else classifier_loss_fn(mean, std, w, label_smoothing, augment))
-            if on_cpu and cpu_bf16: f = cpu_bf16_loss(f)
-            if l2_sp: f = l2_sp_loss(f, model, l2_sp)    # anchors: the weights before any step (train loads a resumed run's)
-            return f
-        loss_fn, loss_late = make_loss(weight), make_loss(weight_late) if drw_step else None
+        loss_fn = (cached_trunk_loss_fn(cache_trunk, weight, label_smoothing, feature_crop, feature_cutmix) if cache_trunk
+                   else classifier_loss_fn(mean, std, weight, label_smoothing, augment))
+        if get_device(device).type == "cpu":
+            use_depthwise_kernel(model, DEPTHWISE_KERNEL_SIZES if cpu_bf16 else SLOW_DEPTHWISE_SIZES)   # eq 15.9's weight gradient
+            if cpu_bf16: loss_fn = cpu_bf16_loss(loss_fn)
         best = max(history, key=lambda h: h["balanced_accuracy"]) if history else None
         best_state = torch.load(best_path, map_location="cpu", weights_only=True) if best and best_path.is_file() else None
         res, seconds = None, spent
-        evals = {*range(every, cfg.steps, every), cfg.steps}
-        for stop in sorted(evals | ({drw_step} if drw_step else set())):   # a slice ends where eq 15.13 switches the weights
+        for stop in [*range(every, cfg.steps, every), cfg.steps]:
             if stop < start: continue
-            res = train(model, loss_late if drw_step and stop > drw_step else loss_fn, data, cfg, ckpt_dir=folder,
-                        device=device, meta=meta, progress=progress, desc="classifier", stop_at=stop, param_groups=groups)
-            if val_data is not None and res.step not in done and stop in evals:
+            res = train(model, loss_fn, data, cfg, ckpt_dir=folder, device=device, meta=meta, progress=progress,
+                        desc="classifier", stop_at=stop, param_groups=groups)
+            if val_data is not None and res.step not in done:
                 pv = predict_proba(res.ema, xv, mean, std, tta=tta, device=device)
                 h = dict(step=res.step, **{k: v for k, v in _headline(yv.numpy(), pv.numpy().astype(np.float64), class_names, None,
                                                                         TARGET_SPECIFICITY, ECE_BINS).items() if "/" not in k})
