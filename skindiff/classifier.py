@@ -998,8 +998,9 @@ def train_classifier(model: nn.Module, train_data: tuple, cfg: TrainConfig, val_
     maps (`random_feature_crop`), and `feature_cutmix` = p CutMixes a batch of them with probability p (eq 15.8).
     `cpu_bf16` runs the training steps on a CPU under bfloat16 autocast (`cpu_bf16_loss`; CUDA always does, through
     `TrainConfig.amp`) when the CPU has bfloat16 units (`cpu_bf16_native`; otherwise it warns and stays float32);
-    validation and the trunk cache stay float32. `meta['cpu_bf16']` says when it was used. The result's `seconds` is the training wall time summed over every session of the run (kept
-    in selection.json), so a resumed run reports its whole cost; a finished run is loaded without rebuilding the cache."""
+    validation and the trunk cache stay float32. `meta['cpu_bf16']` says when it was used. The result's `seconds` is
+    the training wall time summed over every session of the run (kept in selection.json), so a resumed run reports its
+    whole cost; a finished run is loaded without rebuilding the cache."""
     x, y = _split(train_data, "train_data")
     C = len(class_names)
     if len(set(class_names)) != C: raise ConfigError(f"class_names: {list(class_names)} has duplicates")
