@@ -17,3 +17,28 @@ def run_worker(script: str, args: list[str], what: str) -> dict:
     out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
     if out.returncode: sys.exit(f"{what} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_chapter16_with(cells: list[tuple[str, str]], out: str, seed: int) -> None:
+    """Run a copy of `nbs/16_skin_classifier.ipynb` through papermill with the `cpu` profile (`SKIN_CLASSIFIER_CPU`,
+    the DermaMNIST part at its `ci` size) into the run folder `out`, with extra code cells: each (anchor, source) of
+    `cells` is inserted before the first cell whose source holds `anchor` ('+' before the anchor: after it)."""
+    import time, uuid
+    from pathlib import Path
+    import papermill as pm
+    from skindiff.study import SKIN_CLASSIFIER_CPU
+    root = Path(__file__).resolve().parents[1]
+    nb = json.loads((root/"nbs"/"16_skin_classifier.ipynb").read_text())
+    for anchor, src in cells:
+        after = anchor.startswith("+")
+        i = next(i for i, c in enumerate(nb["cells"]) if anchor.lstrip("+") in "".join(c["source"]))
+        nb["cells"].insert(i + after, dict(cell_type="code", execution_count=None, id=uuid.uuid4().hex[:8], metadata={},
+                                           outputs=[], source=src))
+    dest = Path(out).resolve(); dest.mkdir(parents=True, exist_ok=True)
+    src_nb = dest/"16_source.ipynb"; src_nb.write_text(json.dumps(nb))
+    params = dict(SKIN_CLASSIFIER_CPU, profile="cpu", out_dir=str(dest), data_root=None, device=None, seed=seed,
+                  dm_max_images=700, dm_train_steps=24, dm_eval_every=12, dm_input_size=32)
+    t0 = time.time()
+    pm.execute_notebook(str(src_nb), str(dest/"16_skin_classifier.ipynb"), parameters=params, kernel_name="python3",
+                        cwd=str(root/"nbs"), log_output=False, progress_bar=False)
+    print(f"done in {time.time() - t0:.0f} s; results in {dest/'results'/'16_skin_classifier.json'}")

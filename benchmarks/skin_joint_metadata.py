@@ -11,14 +11,9 @@ the notebook's z(x) alone is the "image" row, and its eq 16.3 row (α fitted on 
     python benchmarks/skin_joint_metadata.py --seed 2 --out runs/s2_joint1 --alpha 1
 """
 from __future__ import annotations
-import argparse, json, time, uuid
-from pathlib import Path
+import argparse
 
-import papermill as pm
-
-from skindiff.study import SKIN_CLASSIFIER_CPU
-
-ROOT = Path(__file__).resolve().parents[1]
+from _common import run_chapter16_with
 
 SWAP = '''
 JOINT_ALPHA = {alpha}   # A: the weight of the metadata offset in the training loss
@@ -61,21 +56,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--alpha", type=float, default=1.0, help="A, the weight of the metadata offset in the loss")
     args = ap.parse_args()
-    nb = json.loads((ROOT/"nbs"/"16_skin_classifier.ipynb").read_text())
-    cells = nb["cells"]
-    cell = lambda src: dict(cell_type="code", execution_count=None, id=uuid.uuid4().hex[:8], metadata={}, outputs=[], source=src)
-    i = next(i for i, c in enumerate(cells) if "def make_config" in "".join(c["source"]))
-    cells.insert(i, cell(SWAP.format(alpha=args.alpha)))
-    j = next(i for i, c in enumerate(cells) if "T_star = fit_temperature" in "".join(c["source"]))
-    cells.insert(j + 1, cell(SAVE))
-    out = Path(args.out).resolve(); out.mkdir(parents=True, exist_ok=True)
-    src = out/"16_joint_source.ipynb"; src.write_text(json.dumps(nb))
-    params = dict(SKIN_CLASSIFIER_CPU, profile="cpu", out_dir=str(out), data_root=None, device=None, seed=args.seed,
-                  dm_max_images=700, dm_train_steps=24, dm_eval_every=12, dm_input_size=32)
-    t0 = time.time()
-    pm.execute_notebook(str(src), str(out/"16_skin_classifier.ipynb"), parameters=params, kernel_name="python3",
-                        cwd=str(ROOT/"nbs"), log_output=False, progress_bar=False)
-    print(f"done in {time.time() - t0:.0f} s; results in {out/'results'/'16_skin_classifier.json'}")
+    run_chapter16_with([("def make_config", SWAP.format(alpha=args.alpha)), ("+T_star = fit_temperature", SAVE)], args.out, args.seed)
 
 
 if __name__ == "__main__":
