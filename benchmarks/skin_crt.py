@@ -3,8 +3,8 @@
 Kang et al. decouple long-tailed learning: learn the features without class weights, then re-learn only the final
 linear layer with class-balanced weights on the frozen features. This script takes trained classifiers (a
 checkpoint or a saved model; every member of an ensemble counts), computes their pooled features of the
-lesion-grouped split of `--seed` at 128 px (training images: 1 view; validation and test: the 8 dihedral views), and
-refits each member's linear layer by L-BFGS on the weighted cross-entropy of eq 15.1 (w_c ∝ (N / C n_c)^p) plus
+lesion-grouped split of `--seed` at the model's image size (training images: 1 view; validation and test: the 8
+dihedral views), and refits each member's linear layer by L-BFGS on the weighted cross-entropy of eq 15.1 (w_c ∝ (N / C n_c)^p) plus
 λ|W|², starting from the trained layer. It prints validation and test accuracy / balanced accuracy / macro AUC of the
 members' mean 8-view probability for the trained layers and for each (p, λ), and the members' training accuracy.
 
