@@ -19,6 +19,17 @@ def run_worker(script: str, args: list[str], what: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def chapter16_args(doc: str, option: str, default: float, help: str):
+    """The command line of a chapter-16 experiment script: `--seed` (the split), `--out` (the run folder) and its one
+    numeric `option` (e.g. '--gamma')."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0, help="seed of the lesion split, training and the bootstrap")
+    ap.add_argument("--out", required=True, help="run folder")
+    ap.add_argument(option, type=float, default=default, help=help)
+    return ap.parse_args()
+
+
 def run_chapter16_with(cells: list[tuple[str, str]], out: str, seed: int) -> None:
     """Run a copy of `nbs/16_skin_classifier.ipynb` through papermill with the `cpu` profile (`SKIN_CLASSIFIER_CPU`,
     the DermaMNIST part at its `ci` size) into the run folder `out`, with extra code cells: each (anchor, source) of

@@ -10,9 +10,7 @@ the chapter's.
     python benchmarks/skin_focal_loss.py --seed 2 --out runs/s2_focal2 --gamma 2
 """
 from __future__ import annotations
-import argparse
-
-from _common import run_chapter16_with
+from _common import chapter16_args, run_chapter16_with
 
 SWAP = '''
 FOCAL_GAMMA = {gamma}   # γ of the focal loss
@@ -34,11 +32,7 @@ _sc.cached_trunk_loss_fn = _loss_maker
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--gamma", type=float, default=2.0, help="γ of the focal loss (0: eq 15.2 itself)")
-    args = ap.parse_args()
+    args = chapter16_args(__doc__, "--gamma", 2.0, "γ of the focal loss (0: eq 15.2 itself)")
     run_chapter16_with([("def make_config", SWAP.format(gamma=args.gamma))], args.out, args.seed)
 
 

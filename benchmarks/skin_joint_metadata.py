@@ -11,9 +11,7 @@ the notebook's z(x) alone is the "image" row, and its eq 16.3 row (α fitted on 
     python benchmarks/skin_joint_metadata.py --seed 2 --out runs/s2_joint1 --alpha 1
 """
 from __future__ import annotations
-import argparse
-
-from _common import run_chapter16_with
+from _common import chapter16_args, run_chapter16_with
 
 SWAP = '''
 JOINT_ALPHA = {alpha}   # A: the weight of the metadata offset in the training loss
@@ -51,11 +49,7 @@ torch.save(dict(p=p, yv=yv, yt=data["test"][1], off=OFF, T=T_star), run.path("pr
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--alpha", type=float, default=1.0, help="A, the weight of the metadata offset in the loss")
-    args = ap.parse_args()
+    args = chapter16_args(__doc__, "--alpha", 1.0, "A, the weight of the metadata offset in the loss")
     run_chapter16_with([("def make_config", SWAP.format(alpha=args.alpha)), ("+T_star = fit_temperature", SAVE)], args.out, args.seed)
 
 
