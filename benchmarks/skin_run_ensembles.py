@@ -29,9 +29,10 @@ from skindiff.skin import SKIN_CLASSES
 CLASSES = list(SKIN_CLASSES)
 
 
-def load_run(folder: Path) -> dict:
-    "Test probabilities (image ids × classes, in SKIN_CLASSES order), labels, training seconds and split digest of a run."
-    preds, split = folder/"eval"/"lesion_test"/"predictions.csv", folder/"splits"/"lesion_split.csv"
+def load_run(folder: Path, which: str = "lesion_test") -> dict:
+    """Test probabilities (image ids × classes, in SKIN_CLASSES order), labels, training seconds and split digest of a
+    run; `which` names another evaluation of it under `eval/` (e.g. the validation split's)."""
+    preds, split = folder/"eval"/which/"predictions.csv", folder/"splits"/"lesion_split.csv"
     for f in (preds, split):
         if not f.is_file(): raise ConfigError(f"{folder}: no {f.relative_to(folder)}; expected a finished chapter-16 run folder")
     cols, order = prediction_columns(CLASSES)                # ISIC column names and their class indices
