@@ -17,7 +17,7 @@ from __future__ import annotations
 from _common import chapter16_args, run_chapter16_with
 
 WRAP = '''
-LP_VIEWS = {views}        # cached dihedral views of each training image that the probe sees (0: view 0 only … 8: all)
+LP_VIEWS = {views}        # cached dihedral views of each training image that the probe sees (1: view 0, the identity … 8: all)
 import copy as _copy, time as _time
 import torch.nn.functional as _F
 import skindiff.classifier as _sc
@@ -63,7 +63,7 @@ def _lp_ft_train(model, loss_fn, data, cfg, ckpt_dir=None, **kw):
         if key not in _lp_memo:
             t0 = _time.time()
             n, yt = freeze, data[1].long()
-            views = max(1, LP_VIEWS)
+            views = min(max(1, LP_VIEWS), h.shape[1])
             _adapt_upper_batchnorm(model, h[:, 0], n)
             ft = torch.cat([_pooled(model, h[:, k], n) for k in range(views)]); yt = yt.repeat(views)
             mean_, std_ = normalisation(member_archs[0])
@@ -93,7 +93,7 @@ _sc.train = _lp_ft_train
 
 
 def main() -> None:
-    args = chapter16_args(__doc__, "--views", 1, "cached dihedral views per training image for the probe")
+    args = chapter16_args(__doc__, "--views", 1, "cached dihedral views per training image for the probe (1 to 8)")
     run_chapter16_with([("def make_config", WRAP.format(views=int(args.views)))], args.out, args.seed)
 
 
