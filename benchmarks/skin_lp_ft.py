@@ -66,11 +66,8 @@ def _lp_ft_train(model, loss_fn, data, cfg, ckpt_dir=None, **kw):
             views = min(max(1, LP_VIEWS), h.shape[1])
             _adapt_upper_batchnorm(model, h[:, 0], n)
             ft = torch.cat([_pooled(model, h[:, k], n) for k in range(views)]); yt = yt.repeat(views)
-            mean_, std_ = normalisation(member_archs[0])
             xv, yv = _lp_val
-            hv = torch.cat([_sc.trunk_forward(model.eval(), _sc.normalise(xv[i:i + 128].float()/255, mean_, std_)
-                            .contiguous(memory_format=torch.channels_last), n) for i in range(0, len(xv), 128)])
-            fv = _pooled(model, hv, n)
+            fv = _pooled(model, _sc.trunk_features(model, xv, *normalisation(member_archs[0]), n, augment=None)[:, 0], n)
             w = _sc.class_weights(data[1].long(), len(CLASSES), imbalance)
             best = None
             for lam in (1e-4, 1e-3, 1e-2, 1e-1):
