@@ -17,7 +17,7 @@ Everything else, validation selection included, is the chapter's.
     python benchmarks/skin_sam.py --seed 2 --out runs/s2_sam --rho 0.05
 
 `--time-steps N` instead times N plain and N SAM steps of one member (Lite2, 128 px, `freeze=2`, batch 64, the
-profile's loss) on random cached maps of the profile's shape and prints seconds per step and their ratio:
+profile's label smoothing) on random cached maps of the profile's shape and prints seconds per step and their ratio:
 
     python benchmarks/skin_sam.py --time-steps 20
 """
@@ -96,9 +96,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=450, help="SAM steps per member (each costs two of the profile's)")
     ap.add_argument("--time-steps", type=int, default=0, help="only time this many plain and SAM steps")
     args = ap.parse_args()
+    if not args.rho > 0: ap.error(f"--rho {args.rho}: expected a radius > 0")
+    if args.time_steps < 0: ap.error(f"--time-steps {args.time_steps}: expected a number of steps >= 1")
     if args.time_steps: return time_steps(args.time_steps, args.rho)
     if args.out is None: ap.error("--out: the run folder is required")
-    if not args.rho > 0: ap.error(f"--rho {args.rho}: expected a radius > 0")
     if args.steps < 3: ap.error(f"--steps {args.steps}: expected at least 3 (validated every steps/3)")
     every = args.steps//3
     run_chapter16_with([("def make_config", SWAP.format(rho=args.rho, steps=args.steps, every=every))], args.out, args.seed)
