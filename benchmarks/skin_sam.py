@@ -17,7 +17,8 @@ Everything else, validation selection included, is the chapter's.
     python benchmarks/skin_sam.py --seed 2 --out runs/s2_sam --rho 0.05
 
 `--time-steps N` instead times N plain and N SAM steps of one member (Lite2, 128 px, `freeze=2`, batch 64, the
-profile's label smoothing) on random cached maps of the profile's shape and prints seconds per step and their ratio:
+profile's label smoothing) on random cached maps of the profile's shape, in turn, and prints the median seconds per
+step and their ratio:
 
     python benchmarks/skin_sam.py --time-steps 20
 """
@@ -61,8 +62,9 @@ print(f"SAM: rho={{SAM_RHO}}, {{train_steps}} steps per member, validated every 
 
 
 def time_steps(n: int, rho: float) -> None:
-    "Seconds per optimizer step, plain and with SAM, of one profile member on random cached maps."
-    import time, torch
+    """Seconds per optimizer step of one profile member on random cached maps, plain and with SAM: two copies of the
+    model, stepped in turn so that both see the same machine (as `bench_depthwise.py` does); medians."""
+    import copy, statistics, time, torch
     import skindiff.classifier as sc
     from skindiff.study import SKIN_CLASSIFIER_CPU as P
     torch.manual_seed(0)
@@ -71,20 +73,25 @@ def time_steps(n: int, rho: float) -> None:
     with torch.no_grad(): one = sc.trunk_forward(model.eval(), torch.zeros(1, 3, P["image_size"], P["image_size"]), P["freeze"])
     h = torch.randn(4*P["batch_size"], sc.DIHEDRAL_VIEWS, *one.shape[1:]).to(one.dtype)
     y = torch.randint(0, 7, (len(h),))
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    def run(loss_fn) -> float:
-        g = torch.Generator().manual_seed(0)
-        for i in range(n + 2):
-            if i == 2: t0 = time.perf_counter()                     # two warm-up steps
+    plain_loss = sc.cached_trunk_loss_fn(P["freeze"], None, 0.1)
+    exec(SWAP.format(rho=rho, steps=P["train_steps"]//2, every=P["eval_every"]//2), {"torch": torch})
+    sam_loss = sc.cached_trunk_loss_fn(P["freeze"], None, 0.1)
+    def stepper(m, loss_fn):
+        m.train()
+        opt, g = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4), torch.Generator().manual_seed(0)
+        def step():
             idx = torch.randint(0, len(h), (P["batch_size"],), generator=g)
-            loss = loss_fn(model, (h[idx], y[idx]), g)
+            loss = loss_fn(m, (h[idx], y[idx]), g)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        return (time.perf_counter() - t0)/n
-    plain = run(sc.cached_trunk_loss_fn(P["freeze"], None, 0.1))
-    exec(SWAP.format(rho=rho, steps=P["train_steps"]//2, every=P["eval_every"]//2), {"torch": torch, "data": None})
-    sam = run(sc.cached_trunk_loss_fn(P["freeze"], None, 0.1))
-    print(f"{torch.get_num_threads()} threads, batch {P['batch_size']}, maps {tuple(h.shape[2:])}: "
+        return step
+    steps = {"plain": stepper(model, plain_loss), "SAM": stepper(copy.deepcopy(model), sam_loss)}
+    ts = {k: [] for k in steps}
+    for st in steps.values(): st(); st()                            # two warm-up steps each
+    for _ in range(n):
+        for k, st in steps.items():
+            t0 = time.perf_counter(); st(); ts[k].append(time.perf_counter() - t0)
+    plain, sam = (statistics.median(ts[k]) for k in ("plain", "SAM"))
+    print(f"{torch.get_num_threads()} threads, batch {P['batch_size']}, maps {tuple(h.shape[2:])}, {n} steps each, medians: "
           f"plain {plain:.3f} s/step, SAM {sam:.3f} s/step, SAM/plain {sam/plain:.2f}")
 
 
