@@ -1,24 +1,15 @@
 "The SAM step of benchmarks/skin_sam.py (chapter 16's appendix) against SAM written out by hand."
-import copy, importlib.util, sys
-from pathlib import Path
+import copy
 
 import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from skindiff import classifier as clf
+from _bench import load_benchmark
 
-BENCH = Path(__file__).resolve().parents[1]/"benchmarks"
 
-
-def _swap() -> str:
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("skin_sam", BENCH/"skin_sam.py")
-        mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod.SWAP
+def _swap() -> str: return load_benchmark("skin_sam").SWAP
 
 
 def test_sam_step_matches_hand_written_sam(monkeypatch):
