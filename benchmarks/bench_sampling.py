@@ -34,6 +34,11 @@ def main() -> None:
     schedule = get_schedule("linear", T=1000)
     shape = (1, 32, 32)
     print(f"device {dev}, mnist U-Net {count_parameters(model):,} params, {args.n} images in batches of {args.batch}, {args.threads} threads")
+    if dev.type == "cpu":
+        from skindiff.core import cpu_bf16_native
+        from skindiff.samplers import resolve_precision
+        print(f"CPU bfloat16 units (amx_bf16 / avx512_bf16): {'yes' if cpu_bf16_native() else 'no'}; "
+              f"precision='auto' samples in {resolve_precision('auto', dev)} here")
 
     def run(eps_fn, name, nfe, autocast=False):
         g = torch.Generator(device=dev).manual_seed(0)

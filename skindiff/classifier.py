@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 
 from .core import (SkindiffError, ConfigError, atomic_torch_save, atomic_write, atomic_write_json,
-                           cache_dir, file_digest, get_device)
+                           cache_dir, cpu_bf16_native, file_digest, get_device)
 from .train import (CKPT_FORMAT, CheckpointError, TrainConfig, TrainResult, list_checkpoints,
                             load_checkpoint, train)
 from .skin import SKIN_CLASSES, ISIC2018_COLUMNS      # label vocabulary; ISIC 2018 Task 3 CSV column order
@@ -38,8 +38,8 @@ __all__ = ['LITE0_ARCH', 'LITE0_STAGE_DEPTHS', 'CONVERTED_FORMAT', 'LITE_WEIGHTS
            'expected_calibration_error', 'classification_metrics', 'bootstrap_ci', 'plot_confusion_matrix',
            'plot_roc_curves', 'plot_reliability', 'prediction_columns', 'write_predictions_csv', 'evaluate',
            'metrics_table', 'mean_nll', 'temperature_scale', 'fit_temperature', 'ClassifierTrainResult',
-           'cpu_bf16_native', 'cpu_bf16_loss', 'train_classifier', 'EnsembleClassifier', 'save_classifier',
-           'load_classifier', 'source_size', 'metadata_model', 'classifier_inputs', 'evaluate_checkpoint', 'predict']
+           'cpu_bf16_loss', 'train_classifier', 'EnsembleClassifier', 'save_classifier', 'load_classifier',
+           'source_size', 'metadata_model', 'classifier_inputs', 'evaluate_checkpoint', 'predict']
 
 # %% ../nbs/15_classifier.ipynb #aca8e2e5
 LITE0_ARCH = "tf_efficientnet_lite0"
@@ -960,11 +960,6 @@ class ClassifierTrainResult:
     trunk_cache: Tensor | None = None     # with cache_trunk: the cached trunk features (pass to another member's training)
     seconds: float | None = None          # wall seconds of training over every session of this run (None: not recorded)
     last: nn.Module | None = None         # the EMA at the last step (the selected model when it is that step)
-
-def cpu_bf16_native(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
-    "Whether this CPU multiplies bfloat16 natively (the `amx_bf16` or `avx512_bf16` flag of `cpuinfo`): where `cpu_bf16` pays."
-    try: return re.search(r"\b(amx_bf16|avx512_bf16)\b", Path(cpuinfo).read_text()) is not None
-    except OSError: return False
 
 def cpu_bf16_loss(loss_fn: Callable) -> Callable:
     """`loss_fn` run under CPU bfloat16 autocast, returning a float32 loss. Matrix products and convolutions run in

@@ -6,7 +6,7 @@ Docs: https://skindiff.github.io/skindiff/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #354fd045
 from __future__ import annotations
-import contextlib, hashlib, json, os, random, subprocess, tempfile
+import contextlib, hashlib, json, os, random, re, subprocess, tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,7 +15,8 @@ import torch
 
 # %% auto #0
 __all__ = ['SkindiffError', 'ConfigError', 'atomic_write', 'atomic_write_text', 'atomic_write_json', 'atomic_torch_save',
-           'atomic_savez', 'file_digest', 'seed_everything', 'get_device', 'cache_dir', 'repo_root', 'git_commit']
+           'atomic_savez', 'file_digest', 'seed_everything', 'get_device', 'cpu_bf16_native', 'cache_dir', 'repo_root',
+           'git_commit']
 
 # %% ../nbs/00_core.ipynb #3021353e
 class SkindiffError(Exception):
@@ -89,6 +90,12 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r}: CUDA was requested but torch.cuda.is_available() is False")
     return dev
+
+def cpu_bf16_native(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bfloat16 natively (the `amx_bf16` or `avx512_bf16` flag of `cpuinfo`). Only there
+    does bfloat16 pay on a CPU; elsewhere PyTorch emulates it, and it runs slower than float32."""
+    try: return re.search(r"\b(amx_bf16|avx512_bf16)\b", Path(cpuinfo).read_text()) is not None
+    except OSError: return False
 
 def cache_dir() -> Path:
     "Where skindiff keeps caches and downloads: `$SKINDIFF_CACHE`, else `~/.cache/skindiff`."

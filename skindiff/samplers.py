@@ -7,7 +7,7 @@ Docs: https://skindiff.github.io/skindiff/samplers.html.md"""
 
 # %% ../nbs/07_samplers.ipynb #e4fa2294
 from __future__ import annotations
-import dataclasses, math
+import dataclasses, math, warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -16,30 +16,43 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .core import ConfigError, SkindiffError
+from .core import ConfigError, SkindiffError, cpu_bf16_native
 from .schedules import NoiseSchedule, check_timesteps, extract
 from .ddpm import call_model, check_output_shape, check_prediction, model_output_to_eps
 
 # %% auto #0
 __all__ = ['EpsFn', 'PRECISIONS', 'SPACINGS', 'VARIANCES', 'X0_CLIP', 'N_INTERMEDIATES', 'Sampler', 'SAMPLERS',
-           'eps_fn_from_model', 'score_fn_from_eps', 'make_timesteps', 'check_num_steps', 'check_timestep_sequence',
-           'ddpm_step', 'ddim_step', 'SampleResult', 'ddpm_sample', 'ddim_sample', 'sample', 'gaussian_eps_fn',
-           'gaussian_chain_std']
+           'resolve_precision', 'eps_fn_from_model', 'score_fn_from_eps', 'make_timesteps', 'check_num_steps',
+           'check_timestep_sequence', 'ddpm_step', 'ddim_step', 'SampleResult', 'ddpm_sample', 'ddim_sample', 'sample',
+           'gaussian_eps_fn', 'gaussian_chain_std']
 
 # %% ../nbs/07_samplers.ipynb #0389aabc
 EpsFn = Callable[[Tensor, Tensor], Tensor]      # eps_fn(x_t (B, …), t (B,) 0-based LongTensor) -> ε̂ (B, …)
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}   # network precision while sampling
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "auto": None}   # network precision while sampling ('auto': resolve_precision)
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """The network precision that `precision` means on `device`: 'auto' is 'bfloat16' where bfloat16 is native (CUDA,
+    or a CPU with bfloat16 units: `cpu_bf16_native`) and 'float32' elsewhere. 'float32' and 'bfloat16' are kept as
+    asked, but 'bfloat16' on a CPU without bfloat16 units warns: PyTorch emulates it there, slower than float32."""
+    if precision not in PRECISIONS: raise ConfigError(f"precision={precision!r}: expected one of {sorted(PRECISIONS)}")
+    dev_type = torch.device(device).type
+    native = dev_type == "cuda" or (dev_type == "cpu" and cpu_bf16_native())
+    if precision == "auto": return "bfloat16" if native else "float32"
+    if precision == "bfloat16" and dev_type == "cpu" and not native:
+        warnings.warn("precision='bfloat16': this CPU has no bfloat16 units (amx_bf16 or avx512_bf16), so PyTorch emulates "
+                      "bfloat16 and sampling runs slower than in float32; precision='auto' picks float32 here", stacklevel=2)
+    return precision
 
 def eps_fn_from_model(model: Callable, prediction: str = "eps", y: Tensor | int | None = None,
                       guidance_scale: float | None = None, null_class: int | None = None,
                       schedule: NoiseSchedule | None = None, precision: str = "float32") -> EpsFn:
     """Wrap a network `model(x_t, t[, y])` as an `eps_fn`. `prediction` says what it outputs ('eps', 'x0', 'v';
     the latter two need `schedule`). With labels `y` ((B,) or one int) and `guidance_scale` w, returns the
-    classifier-free guided ε = (1+w) ε(y) − w ε(null_class). `precision` ('float32' or 'bfloat16') is the
-    network's: bfloat16 runs it under autocast and returns float32 ε̂."""
+    classifier-free guided ε = (1+w) ε(y) − w ε(null_class). `precision` ('float32', 'bfloat16' or 'auto':
+    `resolve_precision`, on the device of x_t) is the network's: bfloat16 runs it under autocast and returns float32 ε̂."""
     check_prediction(prediction)
     if precision not in PRECISIONS: raise ConfigError(f"precision={precision!r}: expected one of {sorted(PRECISIONS)}")
-    amp_dtype = PRECISIONS[precision]
+    amp_dtypes: dict = {}          # device → autocast dtype (None: float32), resolved on the first call there
     if prediction != "eps" and schedule is None:
         raise ConfigError(f"schedule: needed to convert a {prediction!r} prediction to ε")
     if guidance_scale is not None:
@@ -61,6 +74,8 @@ def eps_fn_from_model(model: Callable, prediction: str = "eps", y: Tensor | int 
         return model_output_to_eps(out, x_t, t, on_device[x_t.device], prediction)
 
     def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
+        if x_t.device not in amp_dtypes: amp_dtypes[x_t.device] = PRECISIONS[resolve_precision(precision, x_t.device)]
+        amp_dtype = amp_dtypes[x_t.device]
         if amp_dtype is None: return guided_eps(x_t, t)
         with torch.autocast(x_t.device.type, dtype=amp_dtype):
             return guided_eps(x_t, t).to(x_t.dtype)

@@ -900,8 +900,10 @@ def test_cpu_bf16_training():
 
 
 def test_cpu_bf16_native(tmp_path):
+    from skindiff.core import cpu_bf16_native
+    assert clf.cpu_bf16_native is cpu_bf16_native          # chapter 15 uses the one of skindiff.core (so do the samplers)
     for flags, native in (("fpu sse avx512f avx512_bf16 avx512_fp16", True), ("fpu avx2 amx_tile amx_bf16", True),
                           ("fpu avx2 avx512f avx512bw", False), ("fpu avx512_bf16x", False)):
         (tmp_path/"cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        assert clf.cpu_bf16_native(tmp_path/"cpuinfo") is native, flags
-    assert clf.cpu_bf16_native(tmp_path/"missing") is False
+        assert cpu_bf16_native(tmp_path/"cpuinfo") is native, flags
+    assert cpu_bf16_native(tmp_path/"missing") is False

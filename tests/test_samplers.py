@@ -9,8 +9,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from skindiff.core import ConfigError
 from skindiff.schedules import DEFAULT_T, get_schedule
+import skindiff.samplers as samplers_mod
 from skindiff.samplers import (SAMPLERS, SampleResult, ddim_sample, ddim_step, ddpm_sample, ddpm_step, eps_fn_from_model,
-                               gaussian_chain_std, gaussian_eps_fn, make_timesteps, sample, score_fn_from_eps)
+                               gaussian_chain_std, gaussian_eps_fn, make_timesteps, resolve_precision, sample, score_fn_from_eps)
 
 torch.set_num_threads(2)
 ORACLE_TOL = 1e-5                 # max abs difference allowed against diffusers (float32)
@@ -248,9 +249,10 @@ def test_bad_input():
     assert set(SAMPLERS) >= {"ddpm", "ddim"}
 
 
-def test_bfloat16_precision_returns_float32_close_to_float32():
+def test_bfloat16_precision_returns_float32_close_to_float32(monkeypatch):
     "precision='bfloat16' runs the network under autocast but hands the sampler float32 ε̂ close to the float32 one."
     from skindiff.unet import UNet, unet_preset
+    monkeypatch.setattr(samplers_mod, "cpu_bf16_native", lambda: True)   # numerics only: no warning on CPUs without bf16 units
     torch.manual_seed(0)
     model = UNet(unet_preset("mnist", base_channels=16, image_size=16, attention_resolutions=(4,))).eval()
     with torch.no_grad():   # give the zero-initialised output layer weights, so ε̂ is not identically 0
@@ -266,3 +268,40 @@ def test_bfloat16_precision_returns_float32_close_to_float32():
 def test_unknown_precision_is_named():
     with pytest.raises(ConfigError, match="precision='float16'"):
         eps_fn_from_model(lambda x, t: x, precision="float16")
+    with pytest.raises(ConfigError, match="precision='half'.*auto"):
+        resolve_precision("half", "cpu")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_follows_the_cpu(monkeypatch, native):
+    "'auto' is bfloat16 on CUDA and on CPUs with bfloat16 units, float32 on the others; explicit bfloat16 there warns."
+    import warnings
+    monkeypatch.setattr(samplers_mod, "cpu_bf16_native", lambda: native)
+    assert resolve_precision("auto", "cpu") == ("bfloat16" if native else "float32")
+    assert resolve_precision("auto", torch.device("cuda")) == resolve_precision("auto", "cuda:1") == "bfloat16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # float32 never warns, nor bfloat16 where it is native
+        assert resolve_precision("float32", "cpu") == "float32"
+        if native: assert resolve_precision("bfloat16", "cpu") == "bfloat16"
+    if not native:
+        with pytest.warns(UserWarning, match="no bfloat16 units.*'auto' picks float32"):
+            assert resolve_precision("bfloat16", "cpu") == "bfloat16"    # kept as asked: the user may want its numbers
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_runs_the_network_as_resolved(monkeypatch, native):
+    "eps_fn_from_model(precision='auto') gives exactly the ε̂ of the precision it resolves to on the device of x_t."
+    import warnings
+    monkeypatch.setattr(samplers_mod, "cpu_bf16_native", lambda: native)
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 3, 3, padding=1)
+    seen = []
+    model = lambda x, t: (seen.append(torch.is_autocast_enabled("cpu")), net(x))[1]
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")                     # explicit bfloat16 on a CPU without units warns (tested above)
+        auto = eps_fn_from_model(model, precision="auto")
+        got = [auto(x, t) for _ in range(2)]                # resolved once per device, same answer on every call
+        want = eps_fn_from_model(model, precision="bfloat16" if native else "float32")(x, t)
+    assert seen == [native]*2 + [native]
+    assert got[0].dtype == torch.float32 and torch.equal(got[0], want) and torch.equal(got[1], want)

@@ -124,3 +124,18 @@ def test_failing_chapter_exits_nonzero_and_keeps_its_notebook(tmp_path):
     assert any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))
     assert json.loads((out/".state"/f"{bad}.json").read_text())["status"] == "failed"
     assert "| failed |" in (out/"README.md").read_text()
+
+
+def test_profile_precisions_are_known_and_cpu_never_forces_bfloat16():
+    "Every sampling precision of a profile is one eps_fn_from_model knows; the cpu profile leaves bfloat16 to 'auto'."
+    from skindiff.samplers import PRECISIONS
+    seen = []
+    for prof, chapters in study.PROFILES.items():
+        for ch, params in chapters.items():
+            for k, v in params.items():
+                if k.endswith("_precision"):
+                    seen.append((prof, ch, k, v))
+                    assert v in PRECISIONS, (prof, ch, k, v)
+                    # bfloat16 is emulated on CPUs without bfloat16 units (7.2x slower there): 'auto' picks it where native
+                    if prof == "cpu": assert v != "bfloat16", (ch, k)
+    assert {c for p, c, _, v in seen if p == "cpu" and v == "auto"} == {"11_cifar10_ddpm", "18_lesion_diffusion", "19_adversarial"}
