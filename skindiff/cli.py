@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed injected into every chapter (default: 0)")
     s.add_argument("--nbs", help="folder of the chapter notebooks (default: the checkout's nbs/)")
     s.add_argument("--force", action="store_true", help="rerun chapters that already finished")
+    s.add_argument("--smoke", action="store_true", help="the profile's networks, resolutions, samplers and precisions at the ci "
+                   "budget (steps, counts, seeds, thresholds): minutes, to check a profile runs end to end before its hours")
     e = sub.add_parser("evaluate", help="evaluate a skin-lesion classifier on a dataset",
                        description="Metrics with bootstrap 95-percent CIs, figures, metrics.json and an ISIC 2018 Task 3 predictions.csv.")
     e.add_argument("--model", required=True, help="classifier file, e.g. runs/cpu/models/skin_classifier.pt")
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "study":
             states = study.run_study(args.profile, args.out, only=args.only, data=args.data, device=args.device,
-                                     seed=args.seed, nbs=args.nbs, force=args.force, log=lambda m: print(m, flush=True))
+                                     seed=args.seed, nbs=args.nbs, force=args.force, log=lambda m: print(m, flush=True),
+                                     smoke=args.smoke)
             print(f"study finished: {len(states)} chapters, results in {args.out}/results.json")
         elif args.command == "evaluate": _evaluate(args)
         elif args.command == "predict": _predict(args)

@@ -22,8 +22,8 @@ from . import viz
 # %% auto #0
 __all__ = ['CHAPTERS', 'SKIN_CLASSIFIER_CPU', 'SKIN_CLASSIFIER_GPU', 'MNIST_DDPM_CPU', 'MNIST_DDPM_GPU', 'NCSN_CPU', 'SDE_CPU',
            'SDE_GPU', 'NCSN_GPU', 'LESION_DDPM_CPU', 'LESION_DDPM_GPU', 'LESION_DDPM_RECIPE', 'ADVERSARIAL_CPU',
-           'ADVERSARIAL_GPU', 'PROFILES', 'ChapterRun', 'Chapter', 'StudyError', 'chapter_names', 'notebooks_dir',
-           'plan_study', 'write_summary', 'run_study']
+           'ADVERSARIAL_GPU', 'PROFILES', 'SHAPE_KEYS', 'BUDGET_KEYS', 'ChapterRun', 'Chapter', 'smoke_parameters',
+           'StudyError', 'chapter_names', 'notebooks_dir', 'plan_study', 'write_summary', 'run_study']
 
 # %% ../nbs/90_study.ipynb #e28ef888
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -241,6 +241,42 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+# %% ../nbs/90_study.ipynb #7cb58868
+SHAPE_KEYS = frozenset({           # what a smoke run takes from the profile
+    # networks and their inputs
+    "arch", "base_channels", "channel_mults", "num_res_blocks", "attention_resolutions", "norm_groups", "dropout",
+    "image_size", "input_size", "dm_input_size", "domain_size", "freeze", "cache_trunk", "n_models", "keep_last",
+    "feature_crop",
+    # objectives and the adversarial loop's rules
+    "min_snr_gamma", "p_uncond", "dihedral", "max_levels", "mine_fraction", "copy_quantile",
+    # samplers, solvers and their precision
+    "variance", "ddpm_nfe", "nfes", "stochastic_nfes", "curve_nfe", "nfe", "guidance_scales", "grid_w", "sdedit_t0s",
+    "sdedit_nfe", "sdedit_w", "t0", "w", "gen_nfe", "n_steps_each", "step_size", "ddpm_nfes", "ddim_nfes", "em_nfes",
+    "pc_nfes", "heun_nfes", "heun_churn", "snr", "ode_rtol", "bpd_rtol", "sample_precision", "gen_precision"})
+BUDGET_KEYS = frozenset({          # what a smoke run leaves at the notebook's ci default
+    # how long to train, and the optimiser settings tuned to that length
+    "steps", "train_steps", "toy_steps", "batch_size", "lr", "warmup_steps", "ema_decay", "eval_every", "n_checkpoints",
+    "dm_train_steps", "dm_batch_size", "dm_lr", "dm_eval_every", "dm_ema_decay", "clf_steps", "clf_batch", "clf_lr",
+    "clf_ema",
+    # how many images, samples, repeats, seeds and bootstrap resamples
+    "n_digits", "time_batch", "time_iters", "n_eval", "n_samples", "n_fid", "n_compare", "n_ref", "n_probe_test",
+    "n_curve", "max_images", "dm_max_images", "max_ham", "decode_all", "sigma_subset", "toy_n", "n_bpd", "n_hutchinson",
+    "max_train_images", "grid_per_class", "n_per_class", "n_ref_per_class", "n_parents", "k_variants", "seeds",
+    "max_per_split", "rounds", "max_parents", "n_boot",
+    # memory: the batch sizes of sampling and features
+    "sample_batch", "feature_batch", "gen_batch",
+    # quality thresholds, which only a full-length run can meet
+    "min_confidence", "min_entropy_ratio", "max_ddim50_ratio", "max_fid", "max_fast_ratio"})
+
+def smoke_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """The shape of a chapter's profile parameters without its budget (`SHAPE_KEYS` kept, `BUDGET_KEYS` dropped, so
+    the notebook's `ci` defaults apply). A parameter in neither list is refused by name."""
+    unknown = sorted(set(params) - SHAPE_KEYS - BUDGET_KEYS)
+    if unknown: raise ConfigError(f"--smoke: parameters {unknown} are in neither SHAPE_KEYS nor BUDGET_KEYS (skindiff.study); "
+                                  "say which they are")
+    return {k: v for k, v in params.items() if k in SHAPE_KEYS}
+
+
 # %% ../nbs/90_study.ipynb #4d73a9cb
 class StudyError(SkindiffError):
     "A chapter of the study failed."
@@ -264,8 +300,9 @@ def notebooks_dir(nbs: str | os.PathLike | None = None) -> Path:
     return d
 
 def plan_study(profile: str, out: str | os.PathLike, only: list[str] | None = None, data: str | None = None,
-               device: str | None = None, seed: int = 0, nbs: str | None = None) -> dict:
-    "Validate every input and return the plan (chapters with their parameters); writes nothing."
+               device: str | None = None, seed: int = 0, nbs: str | None = None, smoke: bool = False) -> dict:
+    """Validate every input and return the plan (chapters with their parameters); writes nothing.
+    `smoke`: the profile's shape at the `ci` budget (`smoke_parameters`), recorded as profile `<profile>-smoke`."""
     if profile not in PROFILES: raise ConfigError(f"--profile {profile!r}: expected one of {', '.join(PROFILES)}")
     names = chapter_names()
     for o in only or []:
@@ -281,9 +318,10 @@ def plan_study(profile: str, out: str | os.PathLike, only: list[str] | None = No
     data_root = str(next(iter(roots.values()))) if roots else (str(Path(data).resolve()) if data else None)
     out = Path(out).resolve()
     _check_writable(out)
-    common = dict(profile=profile, out_dir=str(out), data_root=data_root, device=dev, seed=int(seed))
-    return dict(profile=profile, out=out, nbs=nb_dir,
-                chapters=[(c.name, {**common, **PROFILES[profile].get(c.name, {})}) for c in chapters])
+    common = dict(profile=f"{profile}-smoke" if smoke else profile, out_dir=str(out), data_root=data_root, device=dev, seed=int(seed))
+    shape = smoke_parameters if smoke else dict
+    return dict(profile=common["profile"], out=out, nbs=nb_dir,
+                chapters=[(c.name, {**common, **shape(PROFILES[profile].get(c.name, {}))}) for c in chapters])
 
 # %% ../nbs/90_study.ipynb #b5b4dac7
 def _chapter_key(nb_path: Path, params: dict) -> str:
@@ -317,13 +355,13 @@ def write_summary(out: Path, states: dict[str, dict], records: list[dict]) -> Pa
 
 def run_study(profile: str, out: str | os.PathLike, only: list[str] | None = None, data: str | None = None,
               device: str | None = None, seed: int = 0, nbs: str | None = None, force: bool = False,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, smoke: bool = False) -> dict:
     "Run the study's chapters with papermill; returns {chapter: state}. Raises StudyError naming a failed chapter."
     import papermill as pm
-    plan = plan_study(profile, out, only, data, device, seed, nbs)
+    plan = plan_study(profile, out, only, data, device, seed, nbs, smoke)
     out = plan["out"]
     for sub in ("notebooks", "figures", "results", "samples", ".state"): (out/sub).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out/"study.json", dict(profile=profile, seed=seed, device=plan["chapters"][0][1]["device"] if plan["chapters"] else None,
+    atomic_write_json(out/"study.json", dict(profile=plan["profile"], seed=seed, device=plan["chapters"][0][1]["device"] if plan["chapters"] else None,
                                               data=data, only=only, git_commit=git_commit(), started=_now()))
     states = {}
     for name, params in plan["chapters"]:

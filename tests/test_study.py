@@ -139,3 +139,51 @@ def test_profile_precisions_are_known_and_cpu_never_forces_bfloat16():
                     # bfloat16 is emulated on CPUs without bfloat16 units (7.2x slower there): 'auto' picks it where native
                     if prof == "cpu": assert v != "bfloat16", (ch, k)
     assert {c for p, c, _, v in seen if p == "cpu" and v == "auto"} == {"11_cifar10_ddpm", "18_lesion_diffusion", "19_adversarial"}
+
+
+def test_every_profile_parameter_is_shape_or_budget():
+    "A smoke run must know, for every parameter a profile sets, whether it is shape (kept) or budget (ci default)."
+    assert study.SHAPE_KEYS.isdisjoint(study.BUDGET_KEYS)
+    for prof, chapters in study.PROFILES.items():
+        for ch, params in chapters.items():
+            assert set(params) <= study.SHAPE_KEYS | study.BUDGET_KEYS, (prof, ch, set(params) - study.SHAPE_KEYS - study.BUDGET_KEYS)
+    with pytest.raises(study.ConfigError, match="'bogus_steps'"):
+        study.smoke_parameters({"train_steps": 5, "bogus_steps": 1})
+
+
+def test_smoke_plan_keeps_the_gpu_shape_and_drops_its_budget(tmp_path):
+    from skindiff.data import DataNotFoundError, find_data_root
+    try: find_data_root(need="ham10000")
+    except DataNotFoundError: pytest.skip("shared data ham10000 not available")
+    chapters = ["16_skin_classifier", "18_lesion_diffusion", "19_adversarial"]
+    plan = study.plan_study("gpu", tmp_path/"run", only=chapters, smoke=True)
+    assert plan["profile"] == "gpu-smoke" and not (tmp_path/"run").exists()
+    for name, params in plan["chapters"]:
+        gpu = study.PROFILES["gpu"][name]
+        assert params["profile"] == "gpu-smoke"
+        kept = {k for k in gpu if k in params}
+        assert kept == set(gpu) & study.SHAPE_KEYS and kept, name
+        assert all(params[k] == gpu[k] for k in kept)
+        assert not set(params) & study.BUDGET_KEYS, name
+    p = dict(plan["chapters"])
+    assert p["18_lesion_diffusion"]["channel_mults"] == [1, 2, 3, 4] and p["16_skin_classifier"]["image_size"] == 150
+    # chapter 19 reuses chapter 18's DDPM, so the two must still agree on its recipe (shape fields kept, budget dropped)
+    assert {k: p["19_adversarial"].get(k) for k in study.LESION_DDPM_RECIPE} == {k: p["18_lesion_diffusion"].get(k) for k in study.LESION_DDPM_RECIPE}
+    full = dict(study.plan_study("gpu", tmp_path/"run", only=chapters)["chapters"])
+    assert full["18_lesion_diffusion"]["train_steps"] == 30000 and full["18_lesion_diffusion"]["profile"] == "gpu"
+
+
+def test_smoke_cli_records_the_smoke_profile(tmp_path):
+    "`--smoke` reaches the chapters: their records and study.json say `gpu-smoke`, and no budget key is injected."
+    nbs = make_nbs(tmp_path/"nbs")
+    out = tmp_path/"run"
+    third = NAMES[2]                                        # 03_train: the gpu profile sets only its budget (steps)
+    assert set(study.PROFILES["gpu"][third]) <= study.BUDGET_KEYS and study.PROFILES["gpu"][third]
+    r = cli("study", "--profile", "gpu", "--smoke", "--out", str(out), "--nbs", str(nbs), "--only", third)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out/"study.json").read_text())["profile"] == "gpu-smoke"
+    assert [rec["profile"] for rec in json.loads((out/"results.json").read_text())] == ["gpu-smoke"]
+    nb = nbformat.read(out/"notebooks"/f"{third}.ipynb", as_version=4)
+    injected = [c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "gpu-smoke" in injected[0]
+    assert not any(f"{k} = " in injected[0] for k in study.PROFILES["gpu"][third])
