@@ -228,7 +228,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "11_cifar10_ddpm": dict(train_steps=20000, batch_size=128, lr=2e-4, warmup_steps=1000, ema_decay=0.9995, base_channels=64,
                                 channel_mults=[1, 2, 2, 2], num_res_blocks=2, attention_resolutions=[16], norm_groups=32,
                                 dropout=0.1, n_checkpoints=8, n_ref=10000, n_probe_test=10000, n_curve=1000, curve_nfe=50,
-                                n_eval=10000, nfes=[10, 20, 50, 100], sample_batch=1000, sample_precision="bfloat16",
+                                n_eval=10000, nfes=[10, 20, 50, 100], sample_batch=1000, sample_precision="auto",   # bfloat16 on CUDA
                                 feature_batch=500, max_fid=30),
         "14_skin_data": {"decode_all": True, "image_size": 128},
         "16_skin_classifier": SKIN_CLASSIFIER_GPU,
