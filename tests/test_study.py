@@ -187,3 +187,18 @@ def test_smoke_cli_records_the_smoke_profile(tmp_path):
     injected = [c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1 and "gpu-smoke" in injected[0]
     assert not any(f"{k} = " in injected[0] for k in study.PROFILES["gpu"][third])
+
+
+def test_lesion_shape_smoke_script_sets_only_known_parameters():
+    "scripts/smoke_lesion_shapes.py: its overrides are parameters of chapters 18 and 19, and they agree on chapter 18's recipe."
+    import ast, importlib.util
+    spec = importlib.util.spec_from_file_location("smoke_lesion_shapes", Path(__file__).parents[1]/"scripts"/"smoke_lesion_shapes.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    for ch, fewer in (("18_lesion_diffusion", mod.FEWER_18), ("19_adversarial", mod.FEWER_19)):
+        nb = nbformat.read(study.notebooks_dir()/f"{ch}.ipynb", as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        names = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
+        assert set(fewer) <= names, (ch, set(fewer) - names)
+    shared = set(mod.FEWER_18) & set(study.LESION_DDPM_RECIPE)
+    assert shared and all(mod.FEWER_19[k] == mod.FEWER_18[k] for k in shared)
+    assert set(mod.FEWER_19) & set(study.LESION_DDPM_RECIPE) == shared
