@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--nbs", help="folder of the chapter notebooks (default: the checkout's nbs/)")
     s.add_argument("--force", action="store_true", help="rerun chapters that already finished")
     s.add_argument("--smoke", action="store_true", help="the profile's networks, resolutions, samplers and precisions at the ci "
-                   "budget (steps, counts, seeds, thresholds): minutes, to check a profile runs end to end before its hours")
+                   "budget (steps, counts, seeds, thresholds), to check that a profile runs end to end before spending its hours")
     e = sub.add_parser("evaluate", help="evaluate a skin-lesion classifier on a dataset",
                        description="Metrics with bootstrap 95-percent CIs, figures, metrics.json and an ISIC 2018 Task 3 predictions.csv.")
     e.add_argument("--model", required=True, help="classifier file, e.g. runs/cpu/models/skin_classifier.pt")

@@ -299,10 +299,19 @@ def notebooks_dir(nbs: str | os.PathLike | None = None) -> Path:
     if not d.is_dir(): raise ConfigError(f"notebooks folder {d} not found: run from a skindiff checkout (pip install -e .) or pass --nbs")
     return d
 
+def _check_same_profile(out: Path, profile: str) -> None:
+    "A run folder holds one profile: another one's chapters would meet checkpoints trained to a different recipe."
+    try: was = json.loads((out/"study.json").read_text()).get("profile")
+    except (OSError, ValueError, AttributeError): return            # a new folder (or no readable study.json)
+    if was is not None and was != profile:
+        raise ConfigError(f"--out {out}: holds a run of profile {was!r}, not {profile!r}; its checkpoints belong to that "
+                          "profile's recipes, so use another folder")
+
 def plan_study(profile: str, out: str | os.PathLike, only: list[str] | None = None, data: str | None = None,
                device: str | None = None, seed: int = 0, nbs: str | None = None, smoke: bool = False) -> dict:
     """Validate every input and return the plan (chapters with their parameters); writes nothing.
-    `smoke`: the profile's shape at the `ci` budget (`smoke_parameters`), recorded as profile `<profile>-smoke`."""
+    `smoke`: the profile's shape at the `ci` budget (`smoke_parameters`), recorded as profile `<profile>-smoke`.
+    A folder that holds a run of another profile (a smoke run counts as its own) is refused."""
     if profile not in PROFILES: raise ConfigError(f"--profile {profile!r}: expected one of {', '.join(PROFILES)}")
     names = chapter_names()
     for o in only or []:
@@ -319,6 +328,7 @@ def plan_study(profile: str, out: str | os.PathLike, only: list[str] | None = No
     out = Path(out).resolve()
     _check_writable(out)
     common = dict(profile=f"{profile}-smoke" if smoke else profile, out_dir=str(out), data_root=data_root, device=dev, seed=int(seed))
+    _check_same_profile(out, common["profile"])
     shape = smoke_parameters if smoke else dict
     return dict(profile=common["profile"], out=out, nbs=nb_dir,
                 chapters=[(c.name, {**common, **shape(PROFILES[profile].get(c.name, {}))}) for c in chapters])

@@ -202,3 +202,16 @@ def test_lesion_shape_smoke_script_sets_only_known_parameters():
     shared = set(mod.FEWER_18) & set(study.LESION_DDPM_RECIPE)
     assert shared and all(mod.FEWER_19[k] == mod.FEWER_18[k] for k in shared)
     assert set(mod.FEWER_19) & set(study.LESION_DDPM_RECIPE) == shared
+
+
+def test_out_folder_of_another_profile_is_refused(tmp_path, capsys):
+    "A run folder holds one profile: a smoke run (or another profile) into it is refused before anything is written."
+    nbs = make_nbs(tmp_path/"nbs")
+    out, first = tmp_path/"run", NAMES[0]
+    assert main(["study", "--profile", "ci", "--out", str(out), "--nbs", str(nbs), "--only", first]) == 0
+    before = (out/"study.json").read_text()
+    capsys.readouterr()
+    assert main(["study", "--profile", "ci", "--smoke", "--out", str(out), "--nbs", str(nbs), "--only", first]) == EXIT_USAGE
+    assert "holds a run of profile 'ci', not 'ci-smoke'" in capsys.readouterr().err
+    assert (out/"study.json").read_text() == before
+    assert main(["study", "--profile", "ci", "--out", str(out), "--nbs", str(nbs), "--only", first]) == 0
