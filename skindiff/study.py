@@ -308,15 +308,20 @@ def _check_same_profile(out: Path, profile: str) -> None:
                           "profile's recipes, so use another folder")
 
 def plan_study(profile: str, out: str | os.PathLike, only: list[str] | None = None, data: str | None = None,
-               device: str | None = None, seed: int = 0, nbs: str | None = None, smoke: bool = False) -> dict:
+               device: str | None = None, seed: int = 0, nbs: str | None = None, smoke: bool = False,
+               overrides: dict[str, dict[str, Any]] | None = None) -> dict:
     """Validate every input and return the plan (chapters with their parameters); writes nothing.
     `smoke`: the profile's shape at the `ci` budget (`smoke_parameters`), recorded as profile `<profile>-smoke`.
+    `overrides`: {chapter: parameters} set over the profile's (e.g. `scripts/smoke_lesion_shapes.py`'s fewer steps).
     A folder that holds a run of another profile (a smoke run counts as its own) is refused."""
     if profile not in PROFILES: raise ConfigError(f"--profile {profile!r}: expected one of {', '.join(PROFILES)}")
     names = chapter_names()
     for o in only or []:
         if o not in names: raise ConfigError(f"--only {o!r}: expected one of {', '.join(names)}")
     chapters = [c for c in CHAPTERS if not only or c.name in only]
+    overrides = overrides or {}
+    if bad := sorted(set(overrides) - {c.name for c in chapters}):
+        raise ConfigError(f"overrides for {bad}: not among the chapters of this run ({', '.join(c.name for c in chapters)})")
     dev = str(get_device(device))
     nb_dir = notebooks_dir(nbs)
     for c in chapters:
@@ -331,7 +336,8 @@ def plan_study(profile: str, out: str | os.PathLike, only: list[str] | None = No
     _check_same_profile(out, common["profile"])
     shape = smoke_parameters if smoke else dict
     return dict(profile=common["profile"], out=out, nbs=nb_dir,
-                chapters=[(c.name, {**common, **shape(PROFILES[profile].get(c.name, {}))}) for c in chapters])
+                chapters=[(c.name, {**common, **shape(PROFILES[profile].get(c.name, {})), **overrides.get(c.name, {})})
+                          for c in chapters])
 
 # %% ../nbs/90_study.ipynb #b5b4dac7
 def _chapter_key(nb_path: Path, params: dict) -> str:
@@ -365,10 +371,10 @@ def write_summary(out: Path, states: dict[str, dict], records: list[dict]) -> Pa
 
 def run_study(profile: str, out: str | os.PathLike, only: list[str] | None = None, data: str | None = None,
               device: str | None = None, seed: int = 0, nbs: str | None = None, force: bool = False,
-              log: Callable[[str], None] = print, smoke: bool = False) -> dict:
+              log: Callable[[str], None] = print, smoke: bool = False, overrides: dict[str, dict[str, Any]] | None = None) -> dict:
     "Run the study's chapters with papermill; returns {chapter: state}. Raises StudyError naming a failed chapter."
     import papermill as pm
-    plan = plan_study(profile, out, only, data, device, seed, nbs, smoke)
+    plan = plan_study(profile, out, only, data, device, seed, nbs, smoke, overrides)
     out = plan["out"]
     for sub in ("notebooks", "figures", "results", "samples", ".state"): (out/sub).mkdir(parents=True, exist_ok=True)
     atomic_write_json(out/"study.json", dict(profile=plan["profile"], seed=seed, device=plan["chapters"][0][1]["device"] if plan["chapters"] else None,

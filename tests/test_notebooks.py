@@ -6,12 +6,16 @@ from skindiff import study
 
 COMMON = {"profile", "out_dir", "data_root", "device", "seed"}
 
+def parameter_names(cell_source: str) -> set[str]:
+    "The names a chapter's `parameters` cell assigns."
+    return {t.id for node in ast.parse(cell_source).body if isinstance(node, ast.Assign) for t in node.targets}
+
 @pytest.mark.parametrize("chapter", [c.name for c in study.CHAPTERS])
 def test_parameters_cell(chapter):
     nb = nbformat.read(study.notebooks_dir()/f"{chapter}.ipynb", as_version=4)
     cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(cells) == 1, f"{chapter}: expected one cell tagged 'parameters' (did nbdev-clean strip the tag?)"
-    names = {t.id for node in ast.parse(cells[0].source).body if isinstance(node, ast.Assign) for t in node.targets}
+    names = parameter_names(cells[0].source)
     assert COMMON <= names, f"{chapter}: the parameters cell lacks {COMMON - names}"
     for profile, chapters in study.PROFILES.items():
         unknown = set(chapters.get(chapter, {})) - names

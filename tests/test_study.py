@@ -169,6 +169,10 @@ def test_smoke_plan_keeps_the_gpu_shape_and_drops_its_budget(tmp_path):
     assert p["18_lesion_diffusion"]["channel_mults"] == [1, 2, 3, 4] and p["16_skin_classifier"]["image_size"] == 150
     # chapter 19 reuses chapter 18's DDPM, so the two must still agree on its recipe (shape fields kept, budget dropped)
     assert {k: p["19_adversarial"].get(k) for k in study.LESION_DDPM_RECIPE} == {k: p["18_lesion_diffusion"].get(k) for k in study.LESION_DDPM_RECIPE}
+    over = dict(study.plan_study("gpu", tmp_path/"run", only=chapters, smoke=True, overrides={"18_lesion_diffusion": {"nfe": 4}})["chapters"])
+    assert over["18_lesion_diffusion"] == p["18_lesion_diffusion"] | {"nfe": 4} and over["19_adversarial"] == p["19_adversarial"]
+    with pytest.raises(study.ConfigError, match="overrides for \\['13_sde'\\]"):
+        study.plan_study("gpu", tmp_path/"run", only=chapters, overrides={"13_sde": {"n_bpd": 1}})
     full = dict(study.plan_study("gpu", tmp_path/"run", only=chapters)["chapters"])
     assert full["18_lesion_diffusion"]["train_steps"] == 30000 and full["18_lesion_diffusion"]["profile"] == "gpu"
 
@@ -191,13 +195,14 @@ def test_smoke_cli_records_the_smoke_profile(tmp_path):
 
 def test_lesion_shape_smoke_script_sets_only_known_parameters():
     "scripts/smoke_lesion_shapes.py: its overrides are parameters of chapters 18 and 19, and they agree on chapter 18's recipe."
-    import ast, importlib.util
+    import importlib.util
+    from test_notebooks import parameter_names
     spec = importlib.util.spec_from_file_location("smoke_lesion_shapes", Path(__file__).parents[1]/"scripts"/"smoke_lesion_shapes.py")
     mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-    for ch, fewer in (("18_lesion_diffusion", mod.FEWER_18), ("19_adversarial", mod.FEWER_19)):
+    assert mod.OVERRIDES == {"18_lesion_diffusion": mod.FEWER_18, "19_adversarial": mod.FEWER_19}
+    for ch, fewer in mod.OVERRIDES.items():
         nb = nbformat.read(study.notebooks_dir()/f"{ch}.ipynb", as_version=4)
-        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-        names = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
+        names = parameter_names(next(c for c in nb.cells if "parameters" in c.metadata.get("tags", [])).source)
         assert set(fewer) <= names, (ch, set(fewer) - names)
     shared = set(mod.FEWER_18) & set(study.LESION_DDPM_RECIPE)
     assert shared and all(mod.FEWER_19[k] == mod.FEWER_18[k] for k in shared)
