@@ -349,7 +349,7 @@ def run_loop(cfg: LoopConfig, data: dict[str, SplitData], table: pd.DataFrame, b
         rd = folder/f"round{r}"
         rd.mkdir(exist_ok=True)
         sources = pd.concat([real, *[k[["image_id", "kind", "source_id", "label_idx"]] for k in kept_rows]], ignore_index=True)
-        x = torch.cat([tr.x, *kept_x]); y = torch.as_tensor(sources["label_idx"].to_numpy(np.int64))
+        x = torch.cat([tr.x, *kept_x]); y = torch.as_tensor(sources["label_idx"].to_numpy(np.int64, copy=True))
         model = _trained(backend, rd, x, y, sources, table, seed)
         if r == 0: model0 = model
         met, p_mine = _round_metrics(backend, model, data)
@@ -382,8 +382,8 @@ def run_loop(cfg: LoopConfig, data: dict[str, SplitData], table: pd.DataFrame, b
             part = hard.iloc[s:s + per_chunk]
             got = _load_images(rd/"variants"/f"chunk{c:04d}")
             if got is None:
-                px = mine.x[torch.as_tensor(part["mine_index"].to_numpy(np.int64))].repeat_interleave(cfg.k, 0)
-                py = torch.as_tensor(part["label_idx"].to_numpy(np.int64)).repeat_interleave(cfg.k)
+                px = mine.x[torch.as_tensor(part["mine_index"].to_numpy(np.int64, copy=True))].repeat_interleave(cfg.k, 0)
+                py = torch.as_tensor(part["label_idx"].to_numpy(np.int64, copy=True)).repeat_interleave(cfg.k)
                 cs = _chunk_seed(seed, r, c + 1)
                 gx = backend.generate(px, py, cs)
                 meta = [dict(image_id=f"syn-s{seed}-r{r}-{pid}-v{v}", kind="sdedit", source_id=pid, round=r, chunk=c, position=j,
@@ -441,7 +441,7 @@ def build_control(arm: str, counts: np.ndarray, data: dict[str, SplitData], hard
     if arm == "augment":
         i = _class_draw(hard["label_idx"].to_numpy(np.int64), counts, rng, cycle=True)
         parents = hard.iloc[i]
-        px = mine.x[torch.as_tensor(parents["mine_index"].to_numpy(np.int64))]
+        px = mine.x[torch.as_tensor(parents["mine_index"].to_numpy(np.int64, copy=True))]
         g = torch.Generator().manual_seed(_chunk_seed(seed, 98, 0))
         x = (augment_batch(px.float() / 255, g, Augment(**cfg.strong_augment)) * 255).round().to(torch.uint8)
         return x, pd.DataFrame(dict(image_id=[f"aug-{p}-{n}" for n, p in enumerate(parents["image_id"])], kind="augment",
@@ -502,7 +502,7 @@ def run_controls(cfg: LoopConfig, data: dict[str, SplitData], table: pd.DataFram
             raise ConfigError(f"{ad}: holds {int(n.sum())} added images, per class {n.tolist()}, but the loop kept {counts.tolist()}: "
                               f"it was built by other code or parameters; remove {ad} to rebuild this control")
         sources = pd.concat([real, rows[["image_id", "kind", "source_id", "label_idx"]]], ignore_index=True)
-        _trained(backend, ad, torch.cat([tr.x, x]), torch.as_tensor(sources["label_idx"].to_numpy(np.int64)), sources, table, seed)
+        _trained(backend, ad, torch.cat([tr.x, x]), torch.as_tensor(sources["label_idx"].to_numpy(np.int64, copy=True)), sources, table, seed)
         out.append(dict(arm=arm, added=int(n.sum()), **{c: int(v) for c, v in zip(backend.classes, n)}))
         log(f"seed {seed} control {arm}: {int(n.sum())} images added")
     return pd.DataFrame(out)

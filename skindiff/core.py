@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['SkindiffError', 'ConfigError', 'atomic_write', 'atomic_write_text', 'atomic_write_json', 'atomic_torch_save',
-           'atomic_savez', 'file_digest', 'seed_everything', 'get_device', 'cpu_bf16_native', 'cache_dir', 'repo_root',
-           'git_commit']
+__all__ = ['TEXT_PROGRESS_ENV', 'tqdm', 'SkindiffError', 'ConfigError', 'atomic_write', 'atomic_write_text', 'atomic_write_json',
+           'atomic_torch_save', 'atomic_savez', 'file_digest', 'seed_everything', 'get_device', 'cpu_bf16_native',
+           'cache_dir', 'repo_root', 'git_commit']
 
 # %% ../nbs/00_core.ipynb #3021353e
 class SkindiffError(Exception):
@@ -68,6 +68,19 @@ def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     "`np.savez_compressed` to `path` atomically (the name is kept exactly, `.npz` is not appended)."
     with atomic_write(path, "wb") as f: np.savez_compressed(f, **arrays)
     return Path(path)
+
+# %% ../nbs/00_core.ipynb #fbf7e85e
+TEXT_PROGRESS_ENV = "SKINDIFF_TEXT_PROGRESS"     # set (to anything but "" or "0"): text bars even in a live Jupyter kernel
+
+def _progress_class():
+    "tqdm's text bar when `TEXT_PROGRESS_ENV` asks for it, else tqdm.auto's choice (a widget in a live Jupyter kernel)."
+    if os.environ.get(TEXT_PROGRESS_ENV, "") not in ("", "0"):
+        from tqdm.std import tqdm as text_tqdm
+        return text_tqdm
+    from tqdm.auto import tqdm as auto_tqdm
+    return auto_tqdm
+
+tqdm = _progress_class()
 
 # %% ../nbs/00_core.ipynb #865838e6
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
+from .core import tqdm
 
 from .core import (SkindiffError, ConfigError, atomic_write, atomic_write_json, cache_dir,
                            file_digest, repo_root)
@@ -415,7 +415,7 @@ def seeded_subset(n_total: int, n: int | None, seed: int, labels: Sequence[int] 
     if not 0 <= n <= n_total: raise ConfigError(f"n={n}: expected 0 <= n <= n_total={n_total}")
     g = torch.Generator().manual_seed(int(seed))
     if labels is None: return torch.randperm(n_total, generator=g)[:n].sort().values
-    labels = torch.as_tensor(labels).long().flatten()
+    labels = (torch.from_numpy(np.array(labels)) if isinstance(labels, np.ndarray) else torch.as_tensor(labels)).long().flatten()   # a copy: pandas hands out read-only arrays
     if len(labels) != n_total: raise ConfigError(f"labels has {len(labels)} entries, expected n_total={n_total}")
     classes, inv = torch.unique(labels, return_inverse=True)
     q = _quotas(torch.bincount(inv).numpy(), n)

@@ -89,7 +89,7 @@ def lesion_images(table: pd.DataFrame, split: str, image_size: int, n: int | Non
     a seeded class-stratified subset of `n` (None: all), or up to `n` of each class when `per_class`."""
     if split not in set(table["split"]): raise ConfigError(f"split={split!r}: the table has splits {sorted(set(table['split']))}")
     rows = table[table["split"] == split].sort_values("image_id").reset_index(drop=True)
-    y = torch.as_tensor(rows["label_idx"].to_numpy(np.int64))
+    y = torch.as_tensor(rows["label_idx"].to_numpy(np.int64, copy=True))
     if per_class and n is not None:
         g = torch.Generator().manual_seed(int(seed))
         idx = torch.cat([c[torch.randperm(len(c), generator=g)[:n]] for c in

@@ -133,7 +133,7 @@ def fit_metadata_model(df: pd.DataFrame, labels, classes: list[str], log_prior=N
     and sd come from `df`; `log_prior` defaults to the log class frequencies of `labels`. α is 1 (set it with
     `dataclasses.replace`)."""
     check_metadata(df, "fit_metadata_model")
-    y = torch.as_tensor(np.array(labels, dtype=np.int64))
+    y = labels.long() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.array(labels, dtype=np.int64))
     if len(y) != len(df) or len(y) == 0: raise ConfigError(f"fit_metadata_model: {len(df)} rows and {len(y)} labels; expected the same number, > 0")
     if not 0 <= int(y.min()) <= int(y.max()) < len(classes): raise ConfigError(f"fit_metadata_model: labels must index the {len(classes)} classes")
     if log_prior is None:

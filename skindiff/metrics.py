@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from tqdm.auto import tqdm
+from .core import tqdm
 
 from .core import SkindiffError, ConfigError, atomic_savez, atomic_torch_save, cache_dir, get_device
 from .data import (ChecksumError, DataNotFoundError, cached_digest, verify_checksum, to_uint8, load_cifar10,

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from .core import tqdm
 
 from .core import ConfigError, get_device
 from .unet import UNet, UNetConfig, UNetShape

@@ -14,7 +14,7 @@ import numpy as np
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from .core import tqdm
 
 from .core import ConfigError, SkindiffError, cpu_bf16_native
 from .schedules import NoiseSchedule, check_timesteps, extract

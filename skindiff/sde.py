@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from scipy import integrate
-from tqdm.auto import tqdm
+from .core import tqdm
 
 from .core import ConfigError, SkindiffError
 from .schedules import NoiseSchedule

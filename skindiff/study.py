@@ -7,7 +7,7 @@ Docs: https://skindiff.github.io/skindiff/study.html.md"""
 
 # %% ../nbs/90_study.ipynb #2a049939
 from __future__ import annotations
-import dataclasses, hashlib, json, os, tempfile, time
+import contextlib, dataclasses, hashlib, json, os, tempfile, time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .core import (SkindiffError, ConfigError, atomic_write_json, atomic_write_text, atomic_savez,
+from .core import (SkindiffError, ConfigError, TEXT_PROGRESS_ENV, atomic_write_json, atomic_write_text, atomic_savez,
                            file_digest, get_device, git_commit, repo_root)
 from . import viz
 
@@ -369,6 +369,16 @@ def write_summary(out: Path, states: dict[str, dict], records: list[dict]) -> Pa
               "executed notebooks in `notebooks/`, samples in `samples/`."]
     return atomic_write_text(out/"README.md", "\n".join(lines) + "\n")
 
+@contextlib.contextmanager
+def _text_progress():
+    """The chapters' kernels inherit `TEXT_PROGRESS_ENV=1` (text progress bars: a saved notebook keeps a widget's first
+    frame only), unless the user set it; `os.environ` is restored afterwards."""
+    old = os.environ.get(TEXT_PROGRESS_ENV)
+    if old is None: os.environ[TEXT_PROGRESS_ENV] = "1"
+    try: yield
+    finally:
+        if old is None: os.environ.pop(TEXT_PROGRESS_ENV, None)
+
 def run_study(profile: str, out: str | os.PathLike, only: list[str] | None = None, data: str | None = None,
               device: str | None = None, seed: int = 0, nbs: str | None = None, force: bool = False,
               log: Callable[[str], None] = print, smoke: bool = False, overrides: dict[str, dict[str, Any]] | None = None) -> dict:
@@ -393,8 +403,9 @@ def run_study(profile: str, out: str | os.PathLike, only: list[str] | None = Non
         atomic_write_json(state_p, dict(status="running", key=key, started=_now()))
         t0 = time.time()
         try:
-            pm.execute_notebook(str(nb_in), str(tmp_nb), parameters=params, kernel_name="python3",
-                                cwd=str(plan["nbs"]), progress_bar=False, log_output=False)
+            with _text_progress():
+                pm.execute_notebook(str(nb_in), str(tmp_nb), parameters=params, kernel_name="python3",
+                                    cwd=str(plan["nbs"]), progress_bar=False, log_output=False)
         except Exception as e:
             os.replace(tmp_nb, nb_out) if tmp_nb.exists() else None
             wall = round(time.time()-t0, 1)

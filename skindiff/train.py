@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .core import tqdm
 
 from .core import SkindiffError, ConfigError, atomic_torch_save, get_device
 

@@ -16,6 +16,8 @@ run = ChapterRun(NAME, out_dir=out_dir, profile=profile, seed=seed, device=devic
 time.sleep(sleep_s)
 if fail: raise RuntimeError("boom in " + NAME)
 run.record("twice_seed", 2 * seed, unit="")
+import tqdm.std, skindiff.core
+print("text progress bars:", skindiff.core.tqdm is tqdm.std.tqdm)
 fig, ax = plt.subplots(); ax.plot([0, 1]); ax.set_xlabel("x"); ax.set_ylabel("y")
 run.save_figure(fig, NAME + "_line")
 '''
@@ -82,6 +84,8 @@ def test_run_skip_and_rerun_on_new_parameters(tmp_path):
         assert rec["value"] == 6 and rec["seed"] == 3 and rec["profile"] == "ci" and rec["device"] == "cpu"
         assert {"git_commit", "wall_s"} <= rec.keys()
     assert (out/"README.md").read_text().count("| done |") == len(names)
+    # the kernels ran with text progress bars: a saved notebook would keep only a widget's first frame
+    assert "text progress bars: True" in (out/"notebooks"/f"{names[0]}.ipynb").read_text()
     mtimes = {n: (out/"notebooks"/f"{n}.ipynb").stat().st_mtime_ns for n in names}
     r = cli("study", "--profile", "ci", "--out", str(out), "--nbs", str(nbs), "--seed", "3", *ONLY)
     assert r.returncode == 0 and r.stdout.count("[skip]") == len(names), r.stdout
