@@ -14,9 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from .core import tqdm
 
-from .core import (SkindiffError, ConfigError, atomic_write, atomic_write_json, cache_dir,
+from .core import (tqdm, SkindiffError, ConfigError, atomic_write, atomic_write_json, cache_dir,
                            file_digest, repo_root)
 
 # %% auto #0

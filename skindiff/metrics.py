@@ -16,9 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from .core import tqdm
 
-from .core import SkindiffError, ConfigError, atomic_savez, atomic_torch_save, cache_dir, get_device
+from .core import tqdm, SkindiffError, ConfigError, atomic_savez, atomic_torch_save, cache_dir, get_device
 from .data import (ChecksumError, DataNotFoundError, cached_digest, verify_checksum, to_uint8, load_cifar10,
                            seeded_subset, CIFAR10_JPEG_REFERENCE, CIFAR10_OFFICIAL_REFERENCE)
 from .evaluator import frechet_distance, feature_statistics   # eq 2.15 in float64 (chapter 05), re-exported

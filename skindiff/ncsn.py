@@ -14,9 +14,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from .core import tqdm
 
-from .core import ConfigError, get_device
+from .core import tqdm, ConfigError, get_device
 from .unet import UNet, UNetConfig, UNetShape
 from .train import OptimRecipe, TrainResult, train
 from .samplers import N_INTERMEDIATES, SampleResult, eps_fn_from_model

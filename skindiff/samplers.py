@@ -14,9 +14,8 @@ import numpy as np
 
 import torch
 from torch import Tensor
-from .core import tqdm
 
-from .core import ConfigError, SkindiffError, cpu_bf16_native
+from .core import tqdm, ConfigError, SkindiffError, cpu_bf16_native
 from .schedules import NoiseSchedule, check_timesteps, extract
 from .ddpm import call_model, check_output_shape, check_prediction, model_output_to_eps
 

@@ -15,9 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from scipy import integrate
-from .core import tqdm
 
-from .core import ConfigError, SkindiffError
+from .core import tqdm, ConfigError, SkindiffError
 from .schedules import NoiseSchedule
 from .ddpm import check_output_shape
 from .samplers import EpsFn, SampleResult, eps_fn_from_model

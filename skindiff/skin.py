@@ -16,9 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from .core import tqdm
 
-from .core import SkindiffError, ConfigError, atomic_write, atomic_write_json, atomic_write_text, cache_dir
+from .core import tqdm, SkindiffError, ConfigError, atomic_write, atomic_write_json, atomic_write_text, cache_dir
 from .data import (DataNotFoundError, ChecksumError, ImageReadError, IMAGE_EXTENSIONS, find_data_root,
                            read_image, fit_image, safe_extract, resize_images, FITS)
 

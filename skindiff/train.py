@@ -14,9 +14,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from .core import tqdm
 
-from .core import SkindiffError, ConfigError, atomic_torch_save, get_device
+from .core import tqdm, SkindiffError, ConfigError, atomic_torch_save, get_device
 
 # %% auto #0
 __all__ = ['CKPTS_PER_RUN', 'MAX_CKPT_EVERY', 'CKPT_FORMAT', 'TrainConfig', 'lr_at', 'OptimRecipe', 'batch_indices', 'EMA',
