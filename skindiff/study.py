@@ -22,8 +22,9 @@ from . import viz
 # %% auto #0
 __all__ = ['CHAPTERS', 'SKIN_CLASSIFIER_CPU', 'SKIN_CLASSIFIER_GPU', 'MNIST_DDPM_CPU', 'MNIST_DDPM_GPU', 'NCSN_CPU', 'SDE_CPU',
            'SDE_GPU', 'NCSN_GPU', 'LESION_DDPM_CPU', 'LESION_DDPM_GPU', 'LESION_DDPM_RECIPE', 'ADVERSARIAL_CPU',
-           'ADVERSARIAL_GPU', 'PROFILES', 'SHAPE_KEYS', 'BUDGET_KEYS', 'ChapterRun', 'Chapter', 'smoke_parameters',
-           'StudyError', 'chapter_names', 'notebooks_dir', 'plan_study', 'write_summary', 'run_study']
+           'ADVERSARIAL_GPU', 'PROFILES', 'SHAPE_KEYS', 'BUDGET_KEYS', 'KERNEL_ARGS', 'ChapterRun', 'Chapter',
+           'smoke_parameters', 'StudyError', 'chapter_names', 'notebooks_dir', 'plan_study', 'write_summary',
+           'run_study']
 
 # %% ../nbs/90_study.ipynb #e28ef888
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -369,6 +370,9 @@ def write_summary(out: Path, states: dict[str, dict], records: list[dict]) -> Pa
               "executed notebooks in `notebooks/`, samples in `samples/`."]
     return atomic_write_text(out/"README.md", "\n".join(lines) + "\n")
 
+# the kernel's own log at ERROR: ipykernel 7 warns at every start that a local kernel talks over TCP (papermill's default)
+KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
+
 @contextlib.contextmanager
 def _text_progress():
     """The chapters' kernels inherit `TEXT_PROGRESS_ENV=1` (text progress bars: a saved notebook keeps a widget's first
@@ -405,7 +409,8 @@ def run_study(profile: str, out: str | os.PathLike, only: list[str] | None = Non
         try:
             with _text_progress():
                 pm.execute_notebook(str(nb_in), str(tmp_nb), parameters=params, kernel_name="python3",
-                                    cwd=str(plan["nbs"]), progress_bar=False, log_output=False)
+                                    cwd=str(plan["nbs"]), progress_bar=False, log_output=False,
+                                    extra_arguments=KERNEL_ARGS)
         except Exception as e:
             os.replace(tmp_nb, nb_out) if tmp_nb.exists() else None
             wall = round(time.time()-t0, 1)
