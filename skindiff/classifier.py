@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 
-from .core import (SkindiffError, ConfigError, atomic_torch_save, atomic_write, atomic_write_json,
+from .core import (tqdm, SkindiffError, ConfigError, atomic_torch_save, atomic_write, atomic_write_json,
                            cache_dir, cpu_bf16_native, file_digest, get_device)
 from .train import (CKPT_FORMAT, CheckpointError, TrainConfig, TrainResult, list_checkpoints,
                             load_checkpoint, train)
@@ -408,7 +408,6 @@ def trunk_features(model: nn.Module, images, mean: Sequence[float], std: Sequenc
     (V = 8; V = 1 when `augment` is None or has `dihedral=False`), each with its own colour jitter drawn from `seed`.
     The trunk runs in evaluation mode. The jitter is drawn batch by batch, so the same seed and batch size give the same
     cache. Zoom cannot be cached (it is drawn per step), so `augment.zoom` must be 0."""
-    from skindiff.core import tqdm
     _check_trunk(model, n)
     if augment is not None and augment.zoom: raise ConfigError(f"trunk_features: augment.zoom={augment.zoom}; a random zoom cannot be cached")
     x, dev = _as_uint8_images(images), get_device(device)
@@ -655,7 +654,6 @@ def use_depthwise_kernel(model: nn.Module, kernel_sizes: Sequence[int] = SLOW_DE
 def predict_proba(model: nn.Module, images, mean: Sequence[float], std: Sequence[float], batch_size: int | None = None,
                   tta: bool = False, device: str | torch.device | None = None, progress: bool = False) -> Tensor:
     "Class probabilities N×C (float32, CPU) for uint8 `images` N×3×H×W; `tta` averages the 8 dihedral views."
-    from skindiff.core import tqdm
     x, dev = _as_uint8_images(images), get_device(device)
     model, batch_size = model.to(dev).eval(), infer_batch(batch_size, dev)
     views = range(DIHEDRAL_VIEWS) if tta else (0,)
