@@ -196,6 +196,8 @@ def read_isic2018(root: str | os.PathLike, part: str | None = None, ground_truth
     groupings = Path(lesion_groupings) if lesion_groupings else next(iter(sorted(root.rglob(ISIC2018_LESION_GROUPINGS))), None)
     if groupings is not None:
         g = read_csv_checked(groupings, ("image", "lesion_id"), "the ISIC 2018 Task 3 lesion groupings")
+        if not lesion_groupings and not out["image_id"].isin(g["image"]).any(): groupings = None   # the Training part's file, not this part's
+    if groupings is not None:
         out = out.merge(g.rename(columns={"image": "image_id"}), on="image_id", how="left")
         if out["lesion_id"].isna().any() or (out["lesion_id"] == "").any():
             n = int((out["lesion_id"].isna() | (out["lesion_id"] == "")).sum())
@@ -642,11 +644,19 @@ def extract_archive(path: str | os.PathLike, dest: str | os.PathLike) -> Path:
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
+def _check_free_dest(dest: Path) -> None:
+    "A download lands only on a missing or empty folder: files there without a manifest are the user's, never replaced."
+    if dest.is_dir() and not any(dest.iterdir()): dest.rmdir()
+    if dest.exists():
+        raise ConfigError(f"download destination {dest} already exists and is not a complete download (no "
+                          f"{DOWNLOAD_MANIFEST}); nothing was changed. Move it away, or read it where it is (--data {dest})")
+
 def fetch_dataset(files: Sequence[RemoteFile], dest: str | os.PathLike, timeout: float = 60.0) -> Path:
     """Download `files` into a staging folder beside `dest`, verify them, unpack archives (into a folder named after
     each archive), then rename the complete tree onto `dest` with a manifest. Returns `dest`; a complete `dest` is kept."""
     dest = Path(dest).expanduser()
     if (dest/DOWNLOAD_MANIFEST).is_file(): return dest
+    _check_free_dest(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".download"))
     try:
@@ -659,7 +669,8 @@ def fetch_dataset(files: Sequence[RemoteFile], dest: str | os.PathLike, timeout:
             else: os.replace(p, tree/rf.filename)
             records.append(rec)
         atomic_write_json(tree/DOWNLOAD_MANIFEST, dict(files=records, time=time.strftime("%Y-%m-%dT%H:%M:%S")))
-        if dest.exists(): os.replace(dest, stage/"previous")   # an incomplete earlier attempt, or the user's partial copy
+        if (dest/DOWNLOAD_MANIFEST).is_file(): return dest     # another process finished the same download first
+        _check_free_dest(dest)                                  # again: it may have appeared during the download
         os.replace(tree, dest)
         if new_pins:
             pins = {}

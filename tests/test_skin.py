@@ -121,6 +121,19 @@ def test_isic2018_layout(tmp_path, ham):
     ref = sub.sort_values("image_id").reset_index(drop=True)
     assert t.image_id.tolist() == ref.image_id.tolist() and t.label.tolist() == ref.label.tolist()
     assert t.lesion_id.tolist() == ref.lesion_id.tolist()          # from the lesion groupings file
+    val = root/"ISIC2018_Task3_Validation_GroundTruth"; val.mkdir()   # a second part, whose images the groupings do not name
+    vsub = ham[~ham.image_id.isin(sub.image_id)].groupby("label").head(1)
+    for r in vsub.itertuples(): shutil.copy(r.path, root/"ISIC2018_Task3_Training_Input"/f"{r.image_id}.jpg")
+    pd.DataFrame({"image": vsub.image_id, **{c: (vsub.label == c.lower()).astype(float) for c in ISIC2018_COLUMNS}}).to_csv(
+        val/"ISIC2018_Task3_Validation_GroundTruth.csv", index=False)
+    v = read_isic2018(root, part="Validation")
+    assert sorted(v.image_id) == sorted(vsub.image_id) and (v.lesion_id == v.image_id).all()   # one lesion per image
+    assert read_isic2018(root, part="Training").lesion_id.tolist() == ref.lesion_id.tolist()
+    with pytest.raises(SkinDataError, match="has no lesion_id for 7 image"):             # named explicitly: must cover the part
+        read_isic2018(root, part="Validation", lesion_groupings=root/skin.ISIC2018_LESION_GROUPINGS)
+    g = pd.read_csv(root/skin.ISIC2018_LESION_GROUPINGS); g.iloc[1:].to_csv(root/skin.ISIC2018_LESION_GROUPINGS, index=False)
+    with pytest.raises(SkinDataError, match="has no lesion_id for 1 image"): read_isic2018(root, part="Training")
+    shutil.rmtree(val)
     (root/skin.ISIC2018_LESION_GROUPINGS).unlink()
     assert (read_isic2018(root).lesion_id == ref.image_id).all()    # no groupings: each image its own lesion
     gtp = root/"ISIC2018_Task3_Training_GroundTruth"/"ISIC2018_Task3_Training_GroundTruth.csv"
@@ -317,9 +330,13 @@ def _zip(files: dict) -> bytes:
     return buf.getvalue()
 
 
+def _no_staging(parent: Path, name: str):
+    assert not [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")], "staging files were left behind"
+
+
 def _no_leftovers(parent: Path, name: str):
     assert not (parent/name).exists(), "a failed download left the dataset folder"
-    assert not [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")], "staging files were left behind"
+    _no_staging(parent, name)
 
 
 def test_download_correct_archive(tmp_path, server, ham):
@@ -334,6 +351,19 @@ def test_download_correct_archive(tmp_path, server, ham):
     fetch_dataset([rf], tmp_path/"data"/"skinfolder")
     assert h.hits == ["/skin.tar.gz"], "a complete download must not be fetched again"
     assert [p.name for p in (tmp_path/"data").iterdir()] == ["skinfolder"]
+
+
+def test_download_never_replaces_a_users_folder(tmp_path, server):
+    url, h = server
+    body = _zip({"x.txt": b"new"}); h.files["/x.zip"] = body
+    rf = RemoteFile(url + "/x.zip", "x.zip", size=len(body), sha256=hashlib.sha256(body).hexdigest(), extract=True)
+    mine = tmp_path/"data"/"mine"; mine.mkdir(parents=True); (mine/"notes.txt").write_text("my own copy")
+    with pytest.raises(ConfigError, match=r"mine already exists and is not a complete download.*nothing was changed"):
+        fetch_dataset([rf], mine)
+    assert h.hits == [] and [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine/"notes.txt").read_text() == "my own copy"
+    _no_staging(tmp_path/"data", "mine")
+    empty = tmp_path/"data"/"empty"; empty.mkdir()                   # an empty folder is no one's data: filled
+    assert (fetch_dataset([rf], empty)/"x"/"x.txt").read_bytes() == b"new"
 
 
 def test_download_wrong_checksum(tmp_path, server):
