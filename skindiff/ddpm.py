@@ -17,7 +17,8 @@ from .schedules import NoiseSchedule, extract
 
 # %% auto #0
 __all__ = ['PREDICTIONS', 'check_prediction', 'check_output_shape', 'model_output_to_eps', 'model_output_to_x0', 'velocity',
-           'training_target', 'min_snr_weight', 'drop_labels', 'call_model', 'ddpm_loss', 'make_ddpm_loss']
+           'training_target', 'check_min_snr_gamma', 'min_snr_weight', 'drop_labels', 'call_model', 'ddpm_loss',
+           'make_ddpm_loss']
 
 # %% ../nbs/06_ddpm.ipynb #d463325b
 PREDICTIONS = ("eps", "x0", "v")   # what a network may be trained to output
@@ -67,9 +68,14 @@ def training_target(x0: Tensor, eps: Tensor, t: Tensor, schedule: NoiseSchedule,
     return eps if prediction == "eps" else x0 if prediction == "x0" else velocity(x0, eps, t, schedule)
 
 # %% ../nbs/06_ddpm.ipynb #b3bb7812
+def check_min_snr_gamma(gamma: float | None) -> None:
+    "γ of min-SNR-γ must be a positive number (None: no weighting)."
+    if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0):
+        raise ConfigError(f"min_snr_gamma: expected γ > 0 or None, got {gamma!r}")
+
 def min_snr_weight(schedule: NoiseSchedule, t: Tensor, gamma: float, prediction: str = "eps") -> Tensor:
     "Per-example loss weights (B,) of min-SNR-γ (Hang et al. 2023) for steps `t` and the given target."
-    check_prediction(prediction)
+    check_prediction(prediction); check_min_snr_gamma(gamma)
     ab = schedule.alpha_bar.to(t.device)[t].float()
     snr = ab / (1 - ab)
     clamped = snr.clamp(max=float(gamma))
@@ -119,7 +125,7 @@ def make_ddpm_loss(schedule: NoiseSchedule, prediction: str = "eps", p_uncond: f
     check_prediction(prediction)
     if not 0 <= p_uncond <= 1: raise ConfigError(f"p_uncond: expected a probability in [0, 1], got {p_uncond}")
     if p_uncond > 0 and null_class is None: raise ConfigError("null_class: needed when p_uncond > 0")
-    if min_snr_gamma is not None and not min_snr_gamma > 0: raise ConfigError(f"min_snr_gamma: expected γ > 0 or None, got {min_snr_gamma}")
+    check_min_snr_gamma(min_snr_gamma)
     on_device = {}                                   # the schedule, copied once per device
     def loss_fn(model: nn.Module, batch: tuple, generator: torch.Generator) -> Tensor:
         if not 1 <= len(batch) <= 2: raise ConfigError(f"batch: expected (x0,) or (x0, y), got {len(batch)} tensors")

@@ -102,8 +102,11 @@ def make_timesteps(T: int, num_steps: int, spacing: str = "leading") -> Tensor:
     check_num_steps(num_steps, T)
     if spacing == "leading":
         ts = torch.arange(num_steps) * (T // num_steps)
+        if T % num_steps > T // num_steps:
+            warnings.warn(f"spacing='leading' with T={T}, num_steps={num_steps} starts at step {int(ts[-1])}, "
+                          f"{T - 1 - int(ts[-1])} steps below T−1, from pure noise; spacing='trailing' starts at T−1", stacklevel=2)
     elif spacing == "trailing":
-        ts = torch.from_numpy(np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1).flip(0)
+        ts = torch.from_numpy(np.round(np.arange(T, 0, -T / num_steps))[:num_steps].astype(np.int64) - 1).flip(0)   # [:S]: see above
     elif spacing == "linspace":
         ts = torch.from_numpy(np.linspace(0, T - 1, num_steps).round().astype(np.int64))
     else: raise ConfigError(f"spacing: expected one of {', '.join(map(repr, SPACINGS))}, got {spacing!r}")
@@ -296,6 +299,7 @@ def gaussian_chain_std(schedule: NoiseSchedule, timesteps: Sequence[int] | Tenso
                        variance: str = "beta_tilde", eta: float = 0.0) -> float:
     """The exact std of the samples that `ddpm_step` (sampler='ddpm') or `ddim_step` ('ddim') chains over `timesteps`
     produce from x_T ~ N(0, I) with the exact ε* for data N(μ, s² I), without clipping (independent of μ)."""
+    if variance not in VARIANCES: raise ConfigError(f"variance: expected one of {', '.join(map(repr, VARIANCES))}, got {variance!r}")
     ab, v = schedule.alpha_bar.double(), 1.0
     ts = [int(t) for t in timesteps]
     for i, t in enumerate(ts):

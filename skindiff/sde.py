@@ -617,6 +617,9 @@ def dequantize(images: Tensor, generator: torch.Generator | None = None, data_bi
     "Uniform dequantisation of integer images x ∈ {0 … 2^bits − 1} to the model range: y = (x + u) / 2^(bits−1) − 1 ∈ [−1, 1), float32."
     if not isinstance(images, Tensor) or images.is_floating_point() or images.dtype == torch.bool:
         raise ConfigError(f"images: expected integer pixel values (uint8) in [0, {2 ** data_bits - 1}], got {getattr(images, 'dtype', type(images).__name__)}")
+    if images.numel() and (int(images.min()) < 0 or int(images.max()) > 2 ** data_bits - 1):
+        raise ConfigError(f"images: expected pixel values in [0, {2 ** data_bits - 1}] ({data_bits}-bit data), "
+                          f"got values in [{int(images.min())}, {int(images.max())}]")
     u = torch.rand(images.shape, generator=generator, device=images.device)
     return (images.float() + u) / 2 ** (data_bits - 1) - 1
 

@@ -113,3 +113,5 @@ def test_min_snr_weighting():
     with pytest.raises(ConfigError, match="min_snr_gamma"):
         from skindiff.ddpm import make_ddpm_loss
         make_ddpm_loss(sch, min_snr_gamma=0)
+    with pytest.raises(ConfigError, match=r"min_snr_gamma: expected γ > 0 or None, got -5"):
+        ddpm_loss(model, x0, sch, torch.Generator().manual_seed(0), min_snr_gamma=-5)   # the function, not only the factory

@@ -1,6 +1,6 @@
 """Tests for `skindiff.samplers`: every update rule against diffusers' DDPMScheduler / DDIMScheduler, full loops
 on Gaussian data whose exact ε is known, and bad input."""
-import math
+import math, warnings
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from skindiff.core import ConfigError
 from skindiff.schedules import DEFAULT_T, get_schedule
 import skindiff.samplers as samplers_mod
 from skindiff.samplers import (SAMPLERS, SampleResult, ddim_sample, ddim_step, ddpm_sample, ddpm_step, eps_fn_from_model,
-                               gaussian_chain_std, gaussian_eps_fn, make_timesteps, resolve_precision, sample, score_fn_from_eps)
+                               SPACINGS, gaussian_chain_std, gaussian_eps_fn, make_timesteps, resolve_precision, sample, score_fn_from_eps)
 
 torch.set_num_threads(2)
 ORACLE_TOL = 1e-5                 # max abs difference allowed against diffusers (float32)
@@ -189,6 +189,31 @@ def test_intermediates_and_custom_timesteps():
     assert ddpm_sample(gaussian_eps_fn(0.0, 0.5, sch), sch, (3, 2), num_steps=5, progress=False).intermediates is None
     assert make_timesteps(1000, 10, "trailing").tolist() == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
     assert make_timesteps(1000, 4, "linspace").tolist() == [999, 666, 333, 0]
+
+
+def test_every_spacing_gives_num_steps_valid_indices():
+    for T in (10, 100, 1000, 4000):
+        for n in range(1, T + 1):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for spacing in SPACINGS:
+                    ts = make_timesteps(T, n, spacing)
+                    assert len(ts) == n and int(ts.min()) >= 0 and int(ts.max()) <= T - 1, (T, n, spacing, ts[-3:].tolist())
+                    assert (ts[1:] < ts[:-1]).all(), (T, n, spacing)
+            assert int(make_timesteps(T, n, "trailing")[0]) == T - 1
+    assert make_timesteps(1000, 61, "trailing").tolist()[-2:] == [32, 15]        # diffusers: 62 steps, ending −1
+
+
+def test_gaussian_chain_std_names_a_bad_variance():
+    with pytest.raises(ConfigError, match=r"variance: expected one of 'beta', 'beta_tilde', got 'fixed_large'"):
+        gaussian_chain_std(get_schedule("linear"), [999, 0], 0.5, "ddpm", variance="fixed_large")
+
+
+def test_leading_spacing_warns_when_it_starts_far_below_T():
+    with pytest.warns(UserWarning, match=r"starts at step 599, 400 steps below"): make_timesteps(1000, 600, "leading")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in (10, 20, 50, 100, 1000): make_timesteps(1000, n, "leading")
 
 
 def test_sample_follows_generator_device_and_dtype():

@@ -266,6 +266,8 @@ def test_bits_per_dim_and_dequantization():
     lo = img.float() / 128 - 1
     assert ((y >= lo) & (y < lo + 1 / 128)).all() and y.min() >= -1 and y.max() < 1
     with pytest.raises(ConfigError, match="uint8"): dequantize(torch.rand(2, 4))
+    with pytest.raises(ConfigError, match=r"pixel values in \[0, 255\].*got values in \[-3, 1000\]"):
+        dequantize(torch.tensor([[1000, -3]]))
 
 
 def test_likelihood_bpd_on_gaussian_pixels():
