@@ -314,6 +314,7 @@ class DomainFeatures:
     device: str | None = None
     colour_constancy: float | None = None  # p of eq 14.1 when the classifier was trained on colour-corrected images
     source_size: int | None = None         # when the classifier was trained on images upsampled from this size
+    split_seed: int | None = None          # the lesion split the classifier trained on (None: ImageNet features)
 
     def __call__(self, images: Tensor) -> Tensor:
         x = check_images(images, None, "images")
@@ -332,7 +333,7 @@ def domain_feature_extractor(checkpoint: str | os.PathLike | None = None, image_
                               f"chapter 16 skin classifier ({meta['arch']}, {meta['image_size']} px"
                               + (f", member 0 of an ensemble of {meta['ensemble']}" if meta.get("ensemble") else "")
                               + f", {checkpoint})", device=device, colour_constancy=meta.get("colour_constancy"),
-                              source_size=meta.get("source_size"))
+                              source_size=meta.get("source_size"), split_seed=meta.get("split_seed"))
     mean, std = normalisation(LITE0_ARCH)
     model = create_classifier(NUM_CLASSES, LITE0_ARCH, pretrained=True).eval()
     return DomainFeatures(model, mean, std, int(image_size),
