@@ -24,8 +24,16 @@ export PATH="$PWD/$VENV/bin:$PATH"
 export MPLBACKEND=Agg
 export SKINDIFF_CACHE="${SKINDIFF_CACHE:-$HOME/.cache/skindiff}"
 
-export_check() { nbdev-export && git diff --exit-code -- skindiff && test -z "$(git status --porcelain -- skindiff)"; }
-clean_check() { nbdev-clean && git diff --exit-code -- nbs; }
+# Each tool must leave its PATH exactly as it found it. Comparing the tree's state before and after (not against HEAD) lets a
+# developer run this on uncommitted work, while a clean clone in CI is held to what was committed.
+tree_state() { git status --porcelain -- "$1"; git diff -- "$1" | sha256sum; git ls-files -z --others --exclude-standard -- "$1" | xargs -0 -r sha256sum; }
+unchanged_by() {  # unchanged_by PATH COMMAND...
+  local path=$1; shift; local before; before=$(tree_state "$path")
+  "$@" || return
+  if [ "$before" != "$(tree_state "$path")" ]; then git status --short -- "$path"; echo "$* changed $path: run it and commit the result"; return 1; fi
+}
+export_check() { unchanged_by skindiff nbdev-export; }
+clean_check() { unchanged_by nbs nbdev-clean; }
 readme_check() { python scripts/make_readme.py --check; }
 nb_test() { nbdev-test --n-workers 1 --timing; }
 study_ci() { local d; d=$(mktemp -d); skindiff study --profile ci --out "$d/ci" && ls "$d/ci/figures" && rm -rf "$d"; }

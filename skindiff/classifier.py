@@ -1135,7 +1135,9 @@ def save_classifier(model: nn.Module, path: str | os.PathLike, meta: dict) -> Pa
 def load_classifier(path: str | os.PathLike, device: str | torch.device | None = "cpu") -> tuple[nn.Module, dict]:
     "The model and meta of a file written by `save_classifier` (or a `train_classifier` checkpoint: its EMA weights)."
     path = Path(path)
-    if not path.is_file(): raise CheckpointError(f"classifier {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"classifier {path} " + ("is a folder, not a classifier file (e.g. runs/NAME/models/skin_classifier.pt)"
+                                                       if path.is_dir() else "does not exist"))
     try: ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"classifier {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None

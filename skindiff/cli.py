@@ -85,7 +85,10 @@ def evaluation_data(data: str, format: str | None = None, size: int = 64, split:
     import pandas as pd
     from skindiff import skin
     root = Path(data).expanduser()
-    fmt = format or skin.detect_format(root)
+    if not root.exists(): raise ConfigError(f"--data {root}: does not exist (expected a dataset folder or a DermaMNIST .npz)")
+    if root.is_file() and root.suffix != ".npz":
+        raise ConfigError(f"--data {root}: is a file but not a DermaMNIST .npz (expected a dataset folder or an .npz)")
+    fmt = format or skin.detect_format(root, option="--format")
     if fmt not in skin.FORMATS: raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(skin.FORMATS)}")
     if fmt == "dermamnist":
         npz = root if root.is_file() else next(iter(sorted(root.glob("*.npz"))), None)
@@ -119,6 +122,7 @@ def _evaluate(args) -> None:
     if args.metadata and patients is None:
         raise ConfigError(f"--metadata: {what} has no age, sex and localization columns (HAM10000's metadata CSV has them)")
     out = Path(args.out) if args.out else Path("skindiff-eval")/f"{Path(args.model).stem}-{Path(args.data).name}"
+    study.check_writable(out)                   # before the scoring, not after it
     T = meta.get("temperature")
     cal = ("; raw probabilities (--uncalibrated)" if args.uncalibrated else f"; probabilities calibrated with T = {T:.3f}") if T else ""
     if args.metadata: cal += f"; pooled with age, sex and site (eq 16.3, alpha = {meta['metadata_model']['alpha']:g})"
@@ -132,7 +136,8 @@ def _evaluate(args) -> None:
 def _predict(args) -> None:
     from skindiff.classifier import predict
     missing = [p for p in args.images if not Path(p).is_file()]
-    if missing: raise ConfigError(f"IMAGE: {missing[0]} does not exist" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if missing: raise ConfigError(f"IMAGE: {missing[0]} " + ("is a folder, not an image file" if Path(missing[0]).is_dir() else "does not exist")
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     given = {k: v.strip().lower() if isinstance(v, str) else v
              for k, v in (("age", args.age), ("sex", args.sex), ("localization", args.site)) if v is not None}
     rows = predict(args.model, args.images, k=args.k, tta=args.tta, device=args.device, calibrated=not args.uncalibrated,
@@ -145,6 +150,7 @@ def _predict(args) -> None:
 def _download(args) -> None:
     from skindiff import skin
     fetch = {"ham10000": skin.download_ham10000, "isic2018": skin.download_isic2018, "dermamnist": skin.download_dermamnist}
+    if args.dest is not None: study.check_writable(Path(args.dest), "--dest")
     print(f"downloaded {args.dataset} to {fetch[args.dataset](args.dest)}")
 
 # %% ../nbs/99_cli.ipynb #8f68e1f3
@@ -164,4 +170,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skindiff: error: {e}", file=sys.stderr); return EXIT_FAILED
     except SkindiffError as e:
         print(f"skindiff: error: {e}", file=sys.stderr); return EXIT_USAGE
+    except OSError as e:                          # a disk that filled up, a file that vanished: one line, not a traceback
+        print(f"skindiff: error: {e}", file=sys.stderr); return EXIT_FAILED
     return 0

@@ -19,18 +19,27 @@ from .core import (tqdm, SkindiffError, ConfigError, atomic_write, atomic_write_
                            file_digest, repo_root)
 
 # %% auto #0
-__all__ = ['DATA_ENV', 'DATA_HINT', 'MNIST_MD5', 'MNIST_SUBDIR', 'SPLITS', 'EXTRACT_MARKER', 'IMAGE_EXTENSIONS', 'FITS',
-           'CIFAR10_CLASSES', 'CIFAR10_JPEG_TARBALL', 'CIFAR10_JPEG_SHA256', 'CIFAR10_JPEG_REFERENCE',
-           'CIFAR10_OFFICIAL_REFERENCE', 'CIFAR10_SOURCES', 'DataNotFoundError', 'find_data_root', 'ChecksumError',
-           'cached_digest', 'verify_checksum', 'verify_mnist', 'load_mnist', 'safe_extract', 'ImageReadError',
-           'read_image', 'image_folder_items', 'csv_items', 'center_crop_square', 'pad_to_square', 'fit_image',
-           'load_images', 'ImageFileDataset', 'load_cifar10', 'to_model_range', 'to_uint8', 'pad_images',
+__all__ = ['DATA_ENV', 'DATA_HINT', 'DOWNLOAD_HINTS', 'MNIST_MD5', 'MNIST_SUBDIR', 'SPLITS', 'EXTRACT_MARKER', 'IMAGE_EXTENSIONS',
+           'FITS', 'CIFAR10_CLASSES', 'CIFAR10_JPEG_TARBALL', 'CIFAR10_JPEG_SHA256', 'CIFAR10_JPEG_REFERENCE',
+           'CIFAR10_OFFICIAL_REFERENCE', 'CIFAR10_SOURCES', 'data_hint', 'DataNotFoundError', 'find_data_root',
+           'ChecksumError', 'cached_digest', 'verify_checksum', 'verify_mnist', 'load_mnist', 'safe_extract',
+           'ImageReadError', 'read_image', 'image_folder_items', 'csv_items', 'center_crop_square', 'pad_to_square',
+           'fit_image', 'load_images', 'ImageFileDataset', 'load_cifar10', 'to_model_range', 'to_uint8', 'pad_images',
            'resize_images', 'seeded_subset']
 
 # %% ../nbs/01_data.ipynb #bad6b22e
 DATA_ENV = "SKINDIFF_DATA"
 DATA_HINT = (f"set {DATA_ENV}=/path/to/data or pass --data /path/to/data (data=... in Python), "
              "or download with load_mnist(download=True) / load_cifar10(source='official', download=True)")
+DOWNLOAD_HINTS = {"ham10000": "or download it with `skindiff download ham10000` (Harvard Dataverse, about 3 GB)",
+                  "ph2": "PH2 has no download here: ask its authors (https://www.fc.up.pt/addi/ph2%20database.html) and "
+                         "lay it out as ph2/images/IMDnnn.jpg + ph2/metadata.csv (image_id, dx, ph2_class)"}
+
+def data_hint(need: str | None = None) -> str:
+    "How to fix a missing data folder that should hold `need` (a dataset's own download where it has one)."
+    top = need.split("/")[0] if need else None
+    if top in DOWNLOAD_HINTS: return f"set {DATA_ENV}=/path/to/data or pass --data /path/to/data (data=... in Python), {DOWNLOAD_HINTS[top]}"
+    return DATA_HINT
 
 class DataNotFoundError(SkindiffError, FileNotFoundError):
     "The data (or a file in it) is not where we looked; the message says where we looked."
@@ -60,14 +69,14 @@ def find_data_root(data: str | os.PathLike | None = None, need: str | None = Non
         p = Path(value).expanduser()
         if (why := _check_candidate(p, need)) is not None:
             raise DataNotFoundError(f"{name}={str(value)!r} {why}" + (f" (expected {p/need})" if need and why.startswith("has no") else "")
-                                    + f"; point it at the directory that holds {need or 'the data'}. To fix: {DATA_HINT}.")
+                                    + f"; point it at the directory that holds {need or 'the data'}. To fix: {data_hint(need)}.")
         return p
     looked = [f"data argument (not given)", f"${DATA_ENV} (not set)"]
     for p, label in _default_data_candidates():
         if (why := _check_candidate(p, need)) is None: return p
         looked.append(f"{p} ({label}): {why}")
     raise DataNotFoundError(f"no data directory{f' containing {need!r}' if need else ''} found. Looked in: "
-                            + "; ".join(looked) + f". To fix: {DATA_HINT}.")
+                            + "; ".join(looked) + f". To fix: {data_hint(need)}.")
 
 # %% ../nbs/01_data.ipynb #c1b34905
 class ChecksumError(SkindiffError):

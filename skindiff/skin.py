@@ -234,8 +234,8 @@ def read_ph2(root: str | os.PathLike) -> pd.DataFrame:
     return _finish(_attach_paths(df, _index_images(dirs), meta, [d for d in dirs if d.is_dir()]), str(meta))
 
 # %% ../nbs/14_skin_data.ipynb #08ce6c70
-def detect_format(root: str | os.PathLike) -> str:
-    "Which of `FORMATS` the file or folder `root` is in."
+def detect_format(root: str | os.PathLike, option: str = "format=") -> str:
+    "Which of `FORMATS` the file or folder `root` is in; an undetectable one asks for `option` (the CLI's is --format)."
     root = Path(root)
     if root.is_file() and root.suffix == ".npz": return "dermamnist"
     if not root.is_dir(): raise DataNotFoundError(f"skin dataset {root} does not exist")
@@ -246,7 +246,7 @@ def detect_format(root: str | os.PathLike) -> str:
     subdirs = [d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if subdirs and all(d.lower() in SKIN_CLASSES for d in subdirs): return "imagefolder"
     raise ConfigError(f"cannot tell the format of {root} (it has {sorted(p.name for p in root.iterdir())[:10]}); "
-                      f"pass format= one of {FORMATS}")
+                      f"pass {option} one of {', '.join(FORMATS)}")
 
 _READERS = {"ham10000": read_ham10000, "isic2018": read_isic2018, "imagefolder": read_imagefolder, "ph2": read_ph2}
 

@@ -23,8 +23,8 @@ from . import viz
 __all__ = ['CHAPTERS', 'SKIN_CLASSIFIER_CPU', 'SKIN_CLASSIFIER_GPU', 'MNIST_DDPM_CPU', 'MNIST_DDPM_GPU', 'NCSN_CPU', 'SDE_CPU',
            'SDE_GPU', 'NCSN_GPU', 'LESION_DDPM_CPU', 'LESION_DDPM_GPU', 'LESION_DDPM_RECIPE', 'ADVERSARIAL_CPU',
            'ADVERSARIAL_GPU', 'PROFILES', 'SHAPE_KEYS', 'BUDGET_KEYS', 'KERNEL_ARGS', 'ChapterRun', 'Chapter',
-           'smoke_parameters', 'StudyError', 'chapter_names', 'notebooks_dir', 'plan_study', 'write_summary',
-           'run_study']
+           'smoke_parameters', 'StudyError', 'chapter_names', 'check_writable', 'notebooks_dir', 'plan_study',
+           'write_summary', 'run_study']
 
 # %% ../nbs/90_study.ipynb #e28ef888
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -284,15 +284,16 @@ class StudyError(SkindiffError):
 
 def chapter_names() -> list[str]: return [c.name for c in CHAPTERS]
 
-def _check_writable(out: Path) -> None:
-    "Raise ConfigError unless `out` is (or can be created as) a writable directory."
-    if out.exists() and not out.is_dir(): raise ConfigError(f"--out {out}: exists and is not a directory")
+def check_writable(out: Path, flag: str = "--out") -> None:
+    "Raise ConfigError (naming the option `flag`) unless `out` is (or can be created as) a writable directory."
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir(): raise ConfigError(f"{flag} {out}: exists and is not a directory")
     parent = out
     while not parent.exists(): parent = parent.parent
-    if not parent.is_dir(): raise ConfigError(f"--out {out}: {parent} is a file, so the directory cannot be created")
+    if not parent.is_dir(): raise ConfigError(f"{flag} {out}: {parent} is a file, so the directory cannot be created")
     try:
         with tempfile.TemporaryFile(dir=parent): pass
-    except OSError as e: raise ConfigError(f"--out {out}: {parent} is not writable ({e.strerror})") from None
+    except OSError as e: raise ConfigError(f"{flag} {out}: {parent} is not writable ({e.strerror})") from None
 
 def notebooks_dir(nbs: str | os.PathLike | None = None) -> Path:
     "The folder holding the chapter notebooks (the checkout's `nbs/` unless given)."
@@ -330,15 +331,23 @@ def plan_study(profile: str, out: str | os.PathLike, only: list[str] | None = No
     from skindiff.data import find_data_root
     needs = sorted({n for c in chapters for n in c.needs})
     roots = {n: find_data_root(data, need=n) for n in needs}
-    data_root = str(next(iter(roots.values()))) if roots else (str(Path(data).resolve()) if data else None)
+    default_root = str(next(iter(roots.values()))) if roots else (str(Path(data).resolve()) if data else None)
+    def chapter_root(c: Chapter) -> str | None:
+        "The one data folder a chapter reads (its needs may be found in different places: each chapter takes one)."
+        found = {roots[n] for n in c.needs}
+        if len(found) > 1:
+            raise ConfigError(f"chapter {c.name} reads {' and '.join(c.needs)} from one data folder, but they were found in "
+                              + ", ".join(f"{roots[n]} ({n})" for n in c.needs) + "; put them in one folder and pass it with --data")
+        return str(found.pop()) if found else default_root
+    data_roots = {c.name: chapter_root(c) for c in chapters}
     out = Path(out).resolve()
-    _check_writable(out)
-    common = dict(profile=f"{profile}-smoke" if smoke else profile, out_dir=str(out), data_root=data_root, device=dev, seed=int(seed))
+    check_writable(out)
+    common = dict(profile=f"{profile}-smoke" if smoke else profile, out_dir=str(out), device=dev, seed=int(seed))
     _check_same_profile(out, common["profile"])
     shape = smoke_parameters if smoke else dict
     return dict(profile=common["profile"], out=out, nbs=nb_dir,
-                chapters=[(c.name, {**common, **shape(PROFILES[profile].get(c.name, {})), **overrides.get(c.name, {})})
-                          for c in chapters])
+                chapters=[(c.name, {**common, "data_root": data_roots[c.name], **shape(PROFILES[profile].get(c.name, {})),
+                                    **overrides.get(c.name, {})}) for c in chapters])
 
 # %% ../nbs/90_study.ipynb #b5b4dac7
 def _chapter_key(nb_path: Path, params: dict) -> str:

@@ -77,6 +77,10 @@ def test_predict_missing_image_and_bad_model(tmp_path, capsys):
     ckpt = _model(tmp_path/"clf.pt")
     assert main(["predict", "--model", str(ckpt), str(tmp_path/"nope.jpg")]) == EXIT_USAGE
     assert "nope.jpg does not exist" in capsys.readouterr().err
+    assert main(["predict", "--model", str(ckpt), str(tmp_path)]) == EXIT_USAGE
+    assert f"IMAGE: {tmp_path} is a folder, not an image file" in capsys.readouterr().err
+    assert main(["predict", "--model", str(tmp_path), str(ckpt)]) == EXIT_USAGE
+    assert f"classifier {tmp_path} is a folder" in capsys.readouterr().err
     (tmp_path/"bad.pt").write_bytes(b"not a checkpoint")
     img = tmp_path/"x.png"
     from PIL import Image; Image.new("RGB", (40, 30), (120, 80, 60)).save(img)
@@ -225,3 +229,29 @@ def test_predict_with_age_sex_and_site(tmp_path, data_root, capsys):
     assert "age -3" in capsys.readouterr().err
     assert main(["predict", "--model", str(_model(tmp_path/"plain.pt")), "--age", "50", img]) == EXIT_USAGE
     assert "has no age/sex/site model" in capsys.readouterr().err
+
+
+def test_evaluate_and_download_check_their_folders_first(tmp_path, data_root, capsys, monkeypatch):
+    "An --out or --dest that cannot be written is one line and exit 2, before any scoring or request."
+    import skindiff.classifier
+    ckpt = _model(tmp_path/"clf.pt")
+    a_file = tmp_path/"a_file"; a_file.write_text("x")
+    monkeypatch.setattr(skindiff.classifier, "evaluate_checkpoint", lambda *a, **k: pytest.fail("scored before checking --out"))
+    for out, why in ((a_file, "exists and is not a directory"), (a_file/"sub", "is a file, so the directory cannot be created")):
+        assert main(["evaluate", "--model", str(ckpt), "--data", str(data_root/"ph2"), "--out", str(out)]) == EXIT_USAGE
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--out {out}: " in err and why in err
+    assert main(["download", "dermamnist", "--dest", str(a_file/"sub")]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--dest {a_file/'sub'}: " in err
+
+
+def test_evaluate_names_a_bad_data_argument(tmp_path, capsys):
+    ckpt = _model(tmp_path/"clf.pt")
+    empty = tmp_path/"empty"; empty.mkdir(); (empty/"notes.txt").write_text("x")
+    for data, expect in ((tmp_path/"nowhere", "does not exist"), (ckpt, "is a file but not a DermaMNIST .npz"),
+                         (empty, "cannot tell the format")):
+        assert main(["evaluate", "--model", str(ckpt), "--data", str(data), "--out", str(tmp_path/"o")]) == EXIT_USAGE
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(data) in err and expect in err, err
+    assert "pass --format one of ham10000, isic2018" in err

@@ -225,3 +225,29 @@ def test_out_folder_of_another_profile_is_refused(tmp_path, capsys):
     assert "holds a run of profile 'ci', not 'ci-smoke'" in capsys.readouterr().err
     assert (out/"study.json").read_text() == before
     assert main(["study", "--profile", "ci", "--out", str(out), "--nbs", str(nbs), "--only", first]) == 0
+
+def test_each_chapter_reads_its_data_from_where_it_was_found(tmp_path, monkeypatch, capsys):
+    "MNIST and CIFAR-10 in one folder, the lesions in another (e.g. `skindiff download ham10000` into the cache)."
+    import skindiff.data
+    a, b = tmp_path/"a", tmp_path/"b"
+    for need in ("MNIST/raw", "cifar10/cifar10-jpg.tar.gz"): (a/need).parent.mkdir(parents=True, exist_ok=True); (a/need).mkdir()
+    for need in ("ham10000", "ph2"): (b/need).mkdir(parents=True)
+    monkeypatch.delenv("SKINDIFF_DATA", raising=False)
+    monkeypatch.setattr(skindiff.data, "_default_data_candidates", lambda: [(a, "a"), (b, "b")])
+    nbs = make_nbs(tmp_path/"nbs")
+    plan = dict(study.plan_study("ci", tmp_path/"run", only=["02_forward_process", "14_skin_data", "16_skin_classifier"], nbs=nbs)["chapters"])
+    assert plan["02_forward_process"]["data_root"] == str(a)
+    assert plan["14_skin_data"]["data_root"] == plan["16_skin_classifier"]["data_root"] == str(b)
+    # chapter 15 reads CIFAR-10 and HAM10000 from one folder: refused before anything runs, naming both places
+    assert main(["study", "--out", str(tmp_path/"run2"), "--only", "15_classifier", "--nbs", str(nbs)]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{a} (cifar10/cifar10-jpg.tar.gz)" in err and f"{b} (ham10000)" in err
+    assert not (tmp_path/"run2").exists()
+
+def test_missing_lesion_data_points_to_its_own_download(tmp_path, monkeypatch):
+    from skindiff.data import DataNotFoundError, find_data_root
+    monkeypatch.delenv("SKINDIFF_DATA", raising=False)
+    with pytest.raises(DataNotFoundError, match="skindiff download ham10000") as e: find_data_root(tmp_path, need="ham10000")
+    assert "load_mnist" not in str(e.value)
+    with pytest.raises(DataNotFoundError, match="PH2 has no download.*metadata.csv"): find_data_root(tmp_path, need="ph2")
+    with pytest.raises(DataNotFoundError, match="load_mnist"): find_data_root(tmp_path, need="MNIST/raw")
