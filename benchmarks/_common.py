@@ -37,7 +37,7 @@ def run_chapter16_with(cells: list[tuple[str, str]], out: str, seed: int) -> Non
     import time, uuid
     from pathlib import Path
     import papermill as pm
-    from skindiff.study import SKIN_CLASSIFIER_CPU
+    from skindiff.study import KERNEL_ARGS, SKIN_CLASSIFIER_CPU
     root = Path(__file__).resolve().parents[1]
     nb = json.loads((root/"nbs"/"16_skin_classifier.ipynb").read_text())
     for anchor, src in cells:
@@ -51,5 +51,5 @@ def run_chapter16_with(cells: list[tuple[str, str]], out: str, seed: int) -> Non
                   dm_max_images=700, dm_train_steps=24, dm_eval_every=12, dm_input_size=32)
     t0 = time.time()
     pm.execute_notebook(str(src_nb), str(dest/"16_skin_classifier.ipynb"), parameters=params, kernel_name="python3",
-                        cwd=str(root/"nbs"), log_output=False, progress_bar=False)
+                        cwd=str(root/"nbs"), log_output=False, progress_bar=False, extra_arguments=KERNEL_ARGS)
     print(f"done in {time.time() - t0:.0f} s; results in {dest/'results'/'16_skin_classifier.json'}")

@@ -29,8 +29,8 @@ __all__ = ['DATA_ENV', 'DATA_HINT', 'DOWNLOAD_HINTS', 'MNIST_MD5', 'MNIST_SUBDIR
 
 # %% ../nbs/01_data.ipynb #bad6b22e
 DATA_ENV = "SKINDIFF_DATA"
-DATA_HINT = (f"set {DATA_ENV}=/path/to/data or pass --data /path/to/data (data=... in Python), "
-             "or download with load_mnist(download=True) / load_cifar10(source='official', download=True)")
+_POINT_HINT = f"set {DATA_ENV}=/path/to/data or pass --data /path/to/data (data=... in Python)"
+DATA_HINT = f"{_POINT_HINT}, or download with load_mnist(download=True) / load_cifar10(source='official', download=True)"
 DOWNLOAD_HINTS = {"ham10000": "or download it with `skindiff download ham10000` (Harvard Dataverse, about 3 GB)",
                   "ph2": "PH2 has no download here: ask its authors (https://www.fc.up.pt/addi/ph2%20database.html) and "
                          "lay it out as ph2/images/IMDnnn.jpg + ph2/metadata.csv (image_id, dx, ph2_class)"}
@@ -38,7 +38,7 @@ DOWNLOAD_HINTS = {"ham10000": "or download it with `skindiff download ham10000` 
 def data_hint(need: str | None = None) -> str:
     "How to fix a missing data folder that should hold `need` (a dataset's own download where it has one)."
     top = need.split("/")[0] if need else None
-    if top in DOWNLOAD_HINTS: return f"set {DATA_ENV}=/path/to/data or pass --data /path/to/data (data=... in Python), {DOWNLOAD_HINTS[top]}"
+    if top in DOWNLOAD_HINTS: return f"{_POINT_HINT}, {DOWNLOAD_HINTS[top]}"
     return DATA_HINT
 
 class DataNotFoundError(SkindiffError, FileNotFoundError):
