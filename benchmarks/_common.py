@@ -19,6 +19,19 @@ def run_worker(script: str, args: list[str], what: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# Source for a code cell of a chapter-16 experiment that swaps chapter 15's cached-trunk loss: the logits of one random
+# cached view per image (optionally cropped), drawn from the generator in the same order as `cached_trunk_loss_fn`.
+CACHED_VIEW_LOGITS = '''
+import skindiff.classifier as _sc
+def _cached_view_logits(model, batch, generator, n, crop):
+    "(logits N×classes float32, labels N) of one random cached view per image, as cached_trunk_loss_fn draws it."
+    h, y = batch[0], batch[1]
+    k = torch.randint(0, h.shape[1], (len(h),), generator=generator, device=generator.device).to(h.device)
+    hk = _sc.random_feature_crop(h[torch.arange(len(h), device=h.device), k].float(), crop, generator)
+    return _sc.head_forward(model, hk.contiguous(memory_format=torch.channels_last), n).float(), y
+'''
+
+
 def chapter16_args(doc: str, option: str, default: float, help: str):
     """The command line of a chapter-16 experiment script: `--seed` (the split), `--out` (the run folder) and its one
     numeric `option` (e.g. '--gamma')."""

@@ -10,20 +10,17 @@ the chapter's.
     python benchmarks/skin_focal_loss.py --seed 2 --out runs/s2_focal2 --gamma 2
 """
 from __future__ import annotations
-from _common import chapter16_args, run_chapter16_with
+from _common import CACHED_VIEW_LOGITS, chapter16_args, run_chapter16_with
 
-SWAP = '''
+SWAP = CACHED_VIEW_LOGITS + '''
 FOCAL_GAMMA = {gamma}   # γ of the focal loss
-import skindiff.classifier as _sc, torch.nn.functional as _F
+import torch.nn.functional as _F
 def _loss_maker(n, weight=None, label_smoothing=0.0, crop=1.0, cutmix=0.0):   # cached_trunk_loss_fn, focal
     assert cutmix == 0
     def loss_fn(model, batch, generator):
-        h, y = batch[0], batch[1]
-        k = torch.randint(0, h.shape[1], (len(h),), generator=generator, device=generator.device).to(h.device)
-        hk = _sc.random_feature_crop(h[torch.arange(len(h), device=h.device), k].float(), crop, generator)
-        logits = _sc.head_forward(model, hk.contiguous(memory_format=torch.channels_last), n).float()
+        logits, y = _cached_view_logits(model, batch, generator, n, crop)
         w = torch.ones(logits.shape[1], device=logits.device) if weight is None else weight.to(logits.device, torch.float32)
-        ce = _F.cross_entropy(logits, y, weight=w, label_smoothing=label_smoothing, reduction="none")   # w_y · eq 15.2 per image
+        ce = _F.cross_entropy(logits, y, weight=w, label_smoothing=label_smoothing, reduction="none")   # eq 15.2 per image, before the division
         p_y = logits.log_softmax(1).gather(1, y[:, None])[:, 0].exp()
         return ((1 - p_y).pow(FOCAL_GAMMA)*ce).sum()/w[y].sum()
     return loss_fn

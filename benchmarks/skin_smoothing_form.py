@@ -12,17 +12,13 @@ for that form and runs it through papermill with the `cpu` profile (`SKIN_CLASSI
     python benchmarks/skin_smoothing_form.py --seed 2 --out runs/s2_smooth_y
 """
 from __future__ import annotations
-from _common import run_chapter16_with
+from _common import CACHED_VIEW_LOGITS, run_chapter16_with
 
-SWAP = '''
-import skindiff.classifier as _sc
+SWAP = CACHED_VIEW_LOGITS + '''
 def _loss_maker(n, weight=None, label_smoothing=0.0, crop=1.0, cutmix=0.0):   # cached_trunk_loss_fn, w_y-weighted smoothing
     assert cutmix == 0
     def loss_fn(model, batch, generator):
-        h, y = batch[0], batch[1]
-        k = torch.randint(0, h.shape[1], (len(h),), generator=generator, device=generator.device).to(h.device)
-        hk = _sc.random_feature_crop(h[torch.arange(len(h), device=h.device), k].float(), crop, generator)
-        logits = _sc.head_forward(model, hk.contiguous(memory_format=torch.channels_last), n).float()
+        logits, y = _cached_view_logits(model, batch, generator, n, crop)
         logp = logits.log_softmax(1)
         w = torch.ones(logits.shape[1], device=logits.device) if weight is None else weight.to(logits.device, torch.float32)
         eps = label_smoothing
