@@ -24,7 +24,7 @@ export PATH="$PWD/$VENV/bin:$PATH"
 export MPLBACKEND=Agg
 export SKINDIFF_CACHE="${SKINDIFF_CACHE:-$HOME/.cache/skindiff}"
 
-# Each tool must leave its PATH exactly as it found it. Comparing the tree's state before and after (not against HEAD) lets a
+# nbdev-export and nbdev-clean must leave the folder they write exactly as they found it. Comparing its state before and after (not against HEAD) lets a
 # developer run this on uncommitted work, while a clean clone in CI is held to what was committed.
 tree_state() { git status --porcelain -- "$1"; git diff -- "$1" | sha256sum; git ls-files -z --others --exclude-standard -- "$1" | xargs -0 -r sha256sum; }
 unchanged_by() {  # unchanged_by PATH COMMAND...

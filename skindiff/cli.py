@@ -10,7 +10,7 @@ import argparse, sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .core import ConfigError, SkindiffError
+from .core import ConfigError, SkindiffError, check_writable
 from . import study
 
 # %% auto #0
@@ -122,7 +122,7 @@ def _evaluate(args) -> None:
     if args.metadata and patients is None:
         raise ConfigError(f"--metadata: {what} has no age, sex and localization columns (HAM10000's metadata CSV has them)")
     out = Path(args.out) if args.out else Path("skindiff-eval")/f"{Path(args.model).stem}-{Path(args.data).name}"
-    study.check_writable(out)                   # before the scoring, not after it
+    check_writable(out)                         # before the scoring, not after it
     T = meta.get("temperature")
     cal = ("; raw probabilities (--uncalibrated)" if args.uncalibrated else f"; probabilities calibrated with T = {T:.3f}") if T else ""
     if args.metadata: cal += f"; pooled with age, sex and site (eq 16.3, alpha = {meta['metadata_model']['alpha']:g})"
@@ -150,7 +150,7 @@ def _predict(args) -> None:
 def _download(args) -> None:
     from skindiff import skin
     fetch = {"ham10000": skin.download_ham10000, "isic2018": skin.download_isic2018, "dermamnist": skin.download_dermamnist}
-    if args.dest is not None: study.check_writable(Path(args.dest), "--dest")
+    if args.dest is not None: check_writable(Path(args.dest), "--dest")
     print(f"downloaded {args.dataset} to {fetch[args.dataset](args.dest)}")
 
 # %% ../nbs/99_cli.ipynb #8f68e1f3

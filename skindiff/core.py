@@ -15,8 +15,8 @@ import torch
 
 # %% auto #0
 __all__ = ['TEXT_PROGRESS_ENV', 'tqdm', 'SkindiffError', 'ConfigError', 'atomic_write', 'atomic_write_text', 'atomic_write_json',
-           'atomic_torch_save', 'atomic_savez', 'file_digest', 'seed_everything', 'get_device', 'cpu_bf16_native',
-           'cache_dir', 'repo_root', 'git_commit']
+           'check_writable', 'atomic_torch_save', 'atomic_savez', 'file_digest', 'seed_everything', 'get_device',
+           'cpu_bf16_native', 'cache_dir', 'repo_root', 'git_commit']
 
 # %% ../nbs/00_core.ipynb #3021353e
 class SkindiffError(Exception):
@@ -58,6 +58,17 @@ def _json_default(o):
     if isinstance(o, torch.Tensor): return o.tolist()
     if isinstance(o, Path): return str(o)
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+def check_writable(out: Path, flag: str = "--out") -> None:
+    "Raise ConfigError (naming the option `flag`) unless `out` is (or can be created as) a writable directory."
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir(): raise ConfigError(f"{flag} {out}: exists and is not a directory")
+    parent = out
+    while not parent.exists(): parent = parent.parent
+    if not parent.is_dir(): raise ConfigError(f"{flag} {out}: {parent} is a file, so the directory cannot be created")
+    try:
+        with tempfile.TemporaryFile(dir=parent): pass
+    except OSError as e: raise ConfigError(f"{flag} {out}: {parent} is not writable ({e.strerror})") from None
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     "`torch.save` to `path` atomically."

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .core import (SkindiffError, ConfigError, TEXT_PROGRESS_ENV, atomic_write_json, atomic_write_text, atomic_savez,
+from .core import (SkindiffError, ConfigError, TEXT_PROGRESS_ENV, check_writable, atomic_write_json, atomic_write_text, atomic_savez,
                            file_digest, get_device, git_commit, repo_root)
 from . import viz
 
@@ -23,8 +23,8 @@ from . import viz
 __all__ = ['CHAPTERS', 'SKIN_CLASSIFIER_CPU', 'SKIN_CLASSIFIER_GPU', 'MNIST_DDPM_CPU', 'MNIST_DDPM_GPU', 'NCSN_CPU', 'SDE_CPU',
            'SDE_GPU', 'NCSN_GPU', 'LESION_DDPM_CPU', 'LESION_DDPM_GPU', 'LESION_DDPM_RECIPE', 'ADVERSARIAL_CPU',
            'ADVERSARIAL_GPU', 'PROFILES', 'SHAPE_KEYS', 'BUDGET_KEYS', 'KERNEL_ARGS', 'ChapterRun', 'Chapter',
-           'smoke_parameters', 'StudyError', 'chapter_names', 'check_writable', 'notebooks_dir', 'plan_study',
-           'write_summary', 'run_study']
+           'smoke_parameters', 'StudyError', 'chapter_names', 'notebooks_dir', 'plan_study', 'write_summary',
+           'run_study']
 
 # %% ../nbs/90_study.ipynb #e28ef888
 def _now() -> str: return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -283,17 +283,6 @@ class StudyError(SkindiffError):
     "A chapter of the study failed."
 
 def chapter_names() -> list[str]: return [c.name for c in CHAPTERS]
-
-def check_writable(out: Path, flag: str = "--out") -> None:
-    "Raise ConfigError (naming the option `flag`) unless `out` is (or can be created as) a writable directory."
-    out = Path(out).expanduser().absolute()
-    if out.exists() and not out.is_dir(): raise ConfigError(f"{flag} {out}: exists and is not a directory")
-    parent = out
-    while not parent.exists(): parent = parent.parent
-    if not parent.is_dir(): raise ConfigError(f"{flag} {out}: {parent} is a file, so the directory cannot be created")
-    try:
-        with tempfile.TemporaryFile(dir=parent): pass
-    except OSError as e: raise ConfigError(f"{flag} {out}: {parent} is not writable ({e.strerror})") from None
 
 def notebooks_dir(nbs: str | os.PathLike | None = None) -> Path:
     "The folder holding the chapter notebooks (the checkout's `nbs/` unless given)."
