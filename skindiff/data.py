@@ -33,7 +33,8 @@ _POINT_HINT = f"set {DATA_ENV}=/path/to/data or pass --data /path/to/data (data=
 DATA_HINT = f"{_POINT_HINT}, or download with load_mnist(download=True) / load_cifar10(source='official', download=True)"
 DOWNLOAD_HINTS = {"ham10000": "or download it with `skindiff download ham10000` (Harvard Dataverse, about 3 GB)",
                   "ph2": "PH2 has no download here: ask its authors (https://www.fc.up.pt/addi/ph2%20database.html) and "
-                         "lay it out as ph2/images/IMDnnn.jpg + ph2/metadata.csv (image_id, dx, ph2_class)"}
+                         "put the official release's PH2Dataset/ folder (PH2_dataset.txt + 'PH2 Dataset images/') in ph2/, or lay it "
+                         "out as ph2/images/IMDnnn.jpg + ph2/metadata.csv (image_id, dx, ph2_class)"}
 
 def data_hint(need: str | None = None) -> str:
     "How to fix a missing data folder that should hold `need` (a dataset's own download where it has one)."

@@ -7,7 +7,7 @@ Docs: https://skindiff.github.io/skindiff/skin_data.html.md"""
 
 # %% ../nbs/14_skin_data.ipynb #a4bdaa9b
 from __future__ import annotations
-import contextlib, dataclasses, hashlib, http.client, io, json, os, shutil, tarfile, tempfile, time
+import contextlib, dataclasses, hashlib, http.client, io, json, os, re, shutil, tarfile, tempfile, time
 import urllib.error, urllib.request, warnings, zipfile
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Sequence
@@ -24,16 +24,16 @@ from .data import (DataNotFoundError, ChecksumError, ImageReadError, IMAGE_EXTEN
 # %% auto #0
 __all__ = ['SKIN_CLASSES', 'CLINICAL_NAMES', 'MALIGNANT', 'ISIC2018_COLUMNS', 'DERMAMNIST_CLASSES', 'TABLE_COLUMNS',
            'SPLIT_NAMES', 'FORMATS', 'CSV_SIGNATURES', 'HAM10000_METADATA', 'HAM10000_IMAGE_DIRS',
-           'ISIC2018_LESION_GROUPINGS', 'PH2_METADATA', 'DERMAMNIST_SPLITS', 'DEFAULT_FRACTIONS',
-           'DERMAMNIST_SPLIT_INFO', 'SPLIT_CSV_COLUMNS', 'SCHEMES', 'CACHE_VERSION', 'SHADES_OF_GRAY_P', 'DATAVERSE',
-           'HAM10000_DOI', 'HAM10000_DATAVERSE_FILES', 'ISIC2018_URL', 'ISIC2018_PARTS', 'DERMAMNIST_REMOTE',
-           'DOWNLOAD_MANIFEST', 'CHUNK', 'SkinDataError', 'class_table', 'label_indices', 'read_csv_checked',
-           'read_ham10000', 'read_isic2018', 'read_imagefolder', 'read_ph2', 'detect_format', 'read_skin_table',
-           'load_dermamnist', 'lesion_split', 'lesion_folds', 'split_leakage', 'dermamnist_split', 'save_split_csv',
-           'read_split_csv', 'skin_dataset_dir', 'skin_split', 'ImageModeWarning', 'tensor_cache_path',
-           'decoded_images', 'skin_tensors', 'illuminant', 'shades_of_gray', 'RemoteFile', 'DownloadError',
-           'download_file', 'extract_archive', 'fetch_dataset', 'dataverse_files', 'download_ham10000',
-           'download_isic2018', 'download_dermamnist']
+           'ISIC2018_LESION_GROUPINGS', 'PH2_METADATA', 'PH2_TABLE', 'PH2_IMAGES', 'PH2_CLINICAL_CODES', 'PH2_TO_SKIN',
+           'DERMAMNIST_SPLITS', 'DEFAULT_FRACTIONS', 'DERMAMNIST_SPLIT_INFO', 'SPLIT_CSV_COLUMNS', 'SCHEMES',
+           'CACHE_VERSION', 'SHADES_OF_GRAY_P', 'DATAVERSE', 'HAM10000_DOI', 'HAM10000_DATAVERSE_FILES', 'ISIC2018_URL',
+           'ISIC2018_PARTS', 'DERMAMNIST_REMOTE', 'DOWNLOAD_MANIFEST', 'CHUNK', 'SkinDataError', 'class_table',
+           'label_indices', 'read_csv_checked', 'read_ham10000', 'read_isic2018', 'read_imagefolder', 'parse_ph2_table',
+           'read_ph2', 'detect_format', 'read_skin_table', 'load_dermamnist', 'lesion_split', 'lesion_folds',
+           'split_leakage', 'dermamnist_split', 'save_split_csv', 'read_split_csv', 'skin_dataset_dir', 'skin_split',
+           'ImageModeWarning', 'tensor_cache_path', 'decoded_images', 'skin_tensors', 'illuminant', 'shades_of_gray',
+           'RemoteFile', 'DownloadError', 'download_file', 'extract_archive', 'fetch_dataset', 'dataverse_files',
+           'download_ham10000', 'download_isic2018', 'download_dermamnist']
 
 # %% ../nbs/14_skin_data.ipynb #2c86d526
 SKIN_CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -220,18 +220,71 @@ def read_imagefolder(root: str | os.PathLike) -> pd.DataFrame:
     df["lesion_id"] = df["image_id"]
     return _finish(df, f"image folder {root}")
 
-PH2_METADATA = "metadata.csv"
+# %% ../nbs/14_skin_data.ipynb #8354d807
+PH2_METADATA = "metadata.csv"                 # the shared layout's label file
+PH2_TABLE = "PH2_dataset.txt"                 # the official release's label table ...
+PH2_IMAGES = "PH2 Dataset images"             # ... and its image folder, one sub-folder per case
+PH2_CLINICAL_CODES: dict[str, str] = {"0": "common_nevus", "1": "atypical_nevus", "2": "melanoma"}
+PH2_TO_SKIN: dict[str, str] = {"common_nevus": "nv", "atypical_nevus": "nv", "melanoma": "mel"}
+_PH2_HEADER = {"name": "image_id", "histological diagnosis": "histological_diagnosis", "clinical diagnosis": "ph2_class"}
+
+def parse_ph2_table(path: str | os.PathLike) -> pd.DataFrame:
+    """The official `PH2_dataset.txt`, rows like `|| IMD003 ||  || 0 || ...`, → image_id, dx, ph2_class,
+    histological_diagnosis. Columns are found by the header's names (Name, Histological Diagnosis, Clinical
+    Diagnosis), else at fields 1, 2, 3; lines that are not case rows (the legend) are skipped."""
+    path = Path(path)
+    if not path.is_file(): raise DataNotFoundError(f"the PH2 label table {path} does not exist")
+    col = {k: i for i, k in enumerate(_PH2_HEADER, 1)}
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        fields = [f.strip() for f in line.split("||")]
+        if len(fields) < 3: continue
+        low = [f.lower() for f in fields]
+        if "name" in low and "clinical diagnosis" in low:          # the header row
+            col = {k: low.index(k) for k in _PH2_HEADER if k in low}; continue
+        if len(fields) <= col["clinical diagnosis"] or not re.fullmatch(r"IMD\d+", fields[col["name"]]): continue
+        name, code = fields[col["name"]], fields[col["clinical diagnosis"]]
+        if code not in PH2_CLINICAL_CODES:
+            raise SkinDataError(f"{path}, line {n}: the clinical diagnosis of {name} is {code!r}; expected 0 (common "
+                                "nevus), 1 (atypical nevus) or 2 (melanoma)")
+        hist = fields[col["histological diagnosis"]] if "histological diagnosis" in col else ""
+        rows.append((name, PH2_CLINICAL_CODES[code], hist))
+    if not rows:
+        raise SkinDataError(f"{path} has no PH2 case rows (lines like '|| IMD003 ||  || 0 || ...'); is it the official "
+                            "PH2_dataset.txt?")
+    df = pd.DataFrame(rows, columns=["image_id", "ph2_class", "histological_diagnosis"])
+    dup = df["image_id"][df["image_id"].duplicated()]
+    if len(dup): raise SkinDataError(f"{path}: case(s) listed more than once: {sorted(set(dup))[:5]}")
+    return df.assign(dx=df["ph2_class"].map(PH2_TO_SKIN))[["image_id", "dx", "ph2_class", "histological_diagnosis"]]
+
+def _ph2_official_table(root: Path) -> Path | None:
+    "The official release's `PH2_dataset.txt` in `root` or one folder down (the archive's `PH2Dataset/`), or None."
+    if (root/PH2_TABLE).is_file(): return root/PH2_TABLE
+    hits = sorted(p for p in root.glob(f"*/{PH2_TABLE}") if p.is_file())
+    if len(hits) > 1: raise ConfigError(f"{root} holds several PH2 releases ({[str(h.parent) for h in hits]}); point at one")
+    return hits[0] if hits else None
 
 def read_ph2(root: str | os.PathLike) -> pd.DataFrame:
-    "PH2 as shared here: `metadata.csv` (image_id, dx, ph2_class) + `images/` → table (one image per lesion)."
+    """PH2 in either layout → table (one image per lesion, `ph2_class` kept): the shared `metadata.csv` + `images/`,
+    or the official `PH2_dataset.txt` + `PH2 Dataset images/IMDnnn/IMDnnn_Dermoscopic_Image/IMDnnn.bmp`."""
     root = Path(root)
     if not root.is_dir(): raise DataNotFoundError(f"PH2 folder {root} does not exist")
     meta = root/PH2_METADATA
-    df = read_csv_checked(meta, ("image_id", "dx", "ph2_class"), "the PH2 metadata")
-    label_indices(df["dx"], str(meta))
+    table = None if meta.is_file() else _ph2_official_table(root)
+    if table is None and not meta.is_file():
+        raise DataNotFoundError(f"PH2 folder {root} has neither {PH2_METADATA} (with images/IMDnnn.jpg) nor the official "
+                                f"release's {PH2_TABLE} (with '{PH2_IMAGES}/'), there or one folder down")
+    if table is not None:
+        source, df = table, parse_ph2_table(table)
+        cases = table.parent/PH2_IMAGES
+        dirs, shown = sorted(d for d in cases.glob("*/*_Dermoscopic_Image") if d.is_dir()), [cases]
+    else:
+        source = meta
+        df = read_csv_checked(meta, ("image_id", "dx", "ph2_class"), "the PH2 metadata")
+        dirs = shown = [d for d in (root/"images", root) if d.is_dir()]
+    label_indices(df["dx"], str(source))
     df = df.rename(columns={"dx": "label"}).assign(lesion_id=df["image_id"])
-    dirs = [root/"images", root]
-    return _finish(_attach_paths(df, _index_images(dirs), meta, [d for d in dirs if d.is_dir()]), str(meta))
+    return _finish(_attach_paths(df, _index_images(dirs), source, shown), str(source))
 
 # %% ../nbs/14_skin_data.ipynb #08ce6c70
 def detect_format(root: str | os.PathLike, option: str = "format=") -> str:
@@ -242,6 +295,7 @@ def detect_format(root: str | os.PathLike, option: str = "format=") -> str:
     if (root/HAM10000_METADATA).is_file() or (root/"HAM10000_metadata").is_file(): return "ham10000"
     if any(root.rglob("*GroundTruth*.csv")): return "isic2018"
     if (root/PH2_METADATA).is_file() and "ph2_class" in (root/PH2_METADATA).open().readline(): return "ph2"
+    if not (root/PH2_METADATA).is_file() and _ph2_official_table(root) is not None: return "ph2"
     if next(root.glob("*.npz"), None) is not None: return "dermamnist"
     subdirs = [d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if subdirs and all(d.lower() in SKIN_CLASSES for d in subdirs): return "imagefolder"

@@ -159,6 +159,59 @@ def test_ph2(tmp_path):
     assert detect_format(shared("ph2")) == "ph2" and (t.lesion_id == t.image_id).all()
 
 
+PH2_HEADER = ("|| Name || Histological Diagnosis || Clinical Diagnosis || Asymmetry | Pigment Network | Dots/Globules | "
+              "Streaks | Regression Areas | Blue-Whitish Veil || Colors ||")
+
+
+def official_ph2(dest: Path, cases: dict[str, str], header: str = PH2_HEADER, row: str = "|| {id} || {hist} || {code} || "
+                 "0 | T | A | A | A | A || 4 5 ||", images: bool = True) -> Path:
+    "The official PH2 archive's layout (PH2Dataset/: PH2_dataset.txt + per-case BMPs) for `cases` {IMDnnn: code}."
+    top = dest/"PH2Dataset"; top.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in cases if images else ():
+        d = top/skin.PH2_IMAGES/i/f"{i}_Dermoscopic_Image"; d.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(d/f"{i}.bmp")
+        (top/skin.PH2_IMAGES/i/f"{i}_lesion").mkdir()
+        Image.fromarray(np.zeros((30, 40), np.uint8)).save(top/skin.PH2_IMAGES/i/f"{i}_lesion"/f"{i}_lesion.bmp")
+    rows = [row.format(id=i, code=c, hist="Melanoma" if c == "2" else "") for i, c in cases.items()]
+    (top/skin.PH2_TABLE).write_text("\n".join([header, *rows, "", "Legend:", "Clinical Diagnosis:",
+                                                "  0 - Common Nevus;", "  1 - Atypical Nevus;", "  2 - Melanoma."]) + "\n")
+    return dest
+
+
+def test_ph2_official_release(tmp_path):
+    root = official_ph2(tmp_path/"ph2", {"IMD002": "1", "IMD003": "0", "IMD058": "2"})
+    assert detect_format(root) == "ph2" and detect_format(root/"PH2Dataset") == "ph2"
+    for r in (root, root/"PH2Dataset"):                   # the archive as unpacked, or its folder
+        t = read_skin_table(r)
+        assert t.image_id.tolist() == ["IMD002", "IMD003", "IMD058"]
+        assert t.label.tolist() == ["nv", "nv", "mel"] and (t.lesion_id == t.image_id).all()
+        assert t.ph2_class.tolist() == ["atypical_nevus", "common_nevus", "melanoma"]
+        assert t.histological_diagnosis.tolist() == ["", "", "Melanoma"]
+        assert all(Path(p).parent.name == f"{i}_Dermoscopic_Image" for i, p in zip(t.image_id, t.path))   # not the masks
+    x, y = skin_tensors(t, None, 16, dataset="ph2")
+    assert x.shape == (3, 3, 16, 16) and y.tolist() == [SKIN_CLASSES.index(c) for c in ("nv", "nv", "mel")]
+
+
+def test_ph2_official_header_order_and_errors(tmp_path):
+    # columns are found by the header's names, not by position
+    hdr = "|| Clinical Diagnosis || Name || Histological Diagnosis || Colors ||"
+    root = official_ph2(tmp_path/"a", {"IMD010": "2", "IMD011": "0"}, header=hdr, row="|| {code} || {id} || {hist} || 4 ||")
+    assert read_ph2(root).label.tolist() == ["mel", "nv"]
+    with pytest.raises(SkinDataError, match=r"line 3: the clinical diagnosis of IMD021 is '3'"):
+        read_ph2(official_ph2(tmp_path/"b", {"IMD020": "0", "IMD021": "3"}))
+    with pytest.raises(DataNotFoundError, match=r"2 of 2 image\(s\) named in .*PH2_dataset.txt have no file"):
+        read_ph2(official_ph2(tmp_path/"c", {"IMD030": "0", "IMD031": "1"}, images=False))
+    (tmp_path/"d").mkdir(); (tmp_path/"d"/skin.PH2_TABLE).write_text("Legend only\n|| Name || Clinical Diagnosis ||\n")
+    with pytest.raises(SkinDataError, match="has no PH2 case rows"): read_ph2(tmp_path/"d")
+    (tmp_path/"e").mkdir()
+    with pytest.raises(DataNotFoundError, match=r"neither metadata.csv .* nor the official release's PH2_dataset.txt"):
+        read_ph2(tmp_path/"e")
+    two = tmp_path/"f"; official_ph2(two/"x", {"IMD040": "0"}); official_ph2(two/"y", {"IMD041": "0"})
+    (two/"x"/"PH2Dataset").rename(two/"PH2Dataset"); (two/"y"/"PH2Dataset").rename(two/"PH2Dataset_copy")
+    with pytest.raises(ConfigError, match="several PH2 releases"): read_ph2(two)
+
+
 def make_npz(path, n=(5, 2, 3), hw=28, gray=False):
     rng = np.random.default_rng(0); arrays = {}
     for s, k in zip(skin.DERMAMNIST_SPLITS, n):
