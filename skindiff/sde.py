@@ -23,15 +23,16 @@ from .samplers import EpsFn, SampleResult, eps_fn_from_model
 
 # %% auto #0
 __all__ = ['ScoreFn', 'DEFAULT_N', 'VP_BETA_MIN', 'VP_BETA_MAX', 'VE_SIGMA_MIN', 'VE_SIGMA_MAX', 'VP_SAMPLING_EPS',
-           'VE_SAMPLING_EPS', 'LIKELIHOOD_EPS', 'FLOAT32_DIGITS', 'SDES', 'DEFAULT_SNR', 'N_INTERMEDIATES',
-           'PREDICTORS', 'CORRECTORS', 'DEFAULT_RTOL', 'DEFAULT_ATOL', 'ODE_METHODS', 'EDM_RHO', 'EDM_MAX_GAMMA',
-           'HUTCHINSON', 'MAX_EXACT_DIMS', 'DATA_BITS', 'check_N', 'SDE', 'ReverseSDE', 'VPSDE', 'SubVPSDE', 'VESDE',
-           'score_fn_from_eps_fn', 'score_fn_from_eps_model', 'CountedScore', 'check_finite', 'check_eps', 'time_grid',
-           'tweedie_denoise', 'Predictor', 'Corrector', 'register_predictor', 'register_corrector', 'get_predictor',
-           'get_corrector', 'EulerMaruyamaPredictor', 'ReverseDiffusionPredictor', 'NonePredictor', 'LangevinCorrector',
-           'NoneCorrector', 'pc_sample', 'euler_maruyama_sample', 'reverse_diffusion_sample', 'ode_sample',
-           'edm_sigmas', 'heun_sample', 'LikelihoodResult', 'divergence', 'ode_log_likelihood', 'dequantize',
-           'bits_per_dim', 'likelihood_bpd', 'dsm_loss', 'GaussianMixture']
+           'VE_SAMPLING_EPS', 'LIKELIHOOD_EPS', 'FLOAT32_DIGITS', 'SDES', 'INDEX_MAPS', 'DEFAULT_SNR',
+           'N_INTERMEDIATES', 'PREDICTORS', 'CORRECTORS', 'DEFAULT_RTOL', 'DEFAULT_ATOL', 'ODE_METHODS', 'EDM_RHO',
+           'EDM_MAX_GAMMA', 'HUTCHINSON', 'MAX_EXACT_DIMS', 'DATA_BITS', 'check_N', 'SDE', 'ReverseSDE', 'VPSDE',
+           'SubVPSDE', 'VESDE', 'eps_model_steps', 'score_fn_from_eps_fn', 'score_fn_from_eps_model', 'CountedScore',
+           'check_finite', 'check_eps', 'time_grid', 'tweedie_denoise', 'Predictor', 'Corrector', 'register_predictor',
+           'register_corrector', 'get_predictor', 'get_corrector', 'EulerMaruyamaPredictor',
+           'ReverseDiffusionPredictor', 'NonePredictor', 'LangevinCorrector', 'NoneCorrector', 'pc_sample',
+           'euler_maruyama_sample', 'reverse_diffusion_sample', 'ode_sample', 'edm_sigmas', 'heun_sample',
+           'LikelihoodResult', 'divergence', 'ode_log_likelihood', 'dequantize', 'bits_per_dim', 'likelihood_bpd',
+           'dsm_loss', 'GaussianMixture']
 
 # %% ../nbs/13_sde.ipynb #36429ce5
 ScoreFn = Callable[[Tensor, Tensor], Tensor]   # score_fn(x (B, …), t (B,) float times in (0, 1]) -> ∇_x log p_t(x) (B, …)
@@ -251,22 +252,40 @@ class VESDE(SDE):
 SDES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 
 # %% ../nbs/13_sde.ipynb #e7aa3841
-def score_fn_from_eps_fn(eps_fn: EpsFn, sde: VPSDE, integer_steps: bool = False) -> ScoreFn:
-    """The score s(x, t) = −ε(x, t (N−1)) / σ(t) of a DDPM ε-function trained on `sde`'s N-step chain (score_sde_pytorch's
-    map for DDPM checkpoints). t: (B,) float times; `integer_steps` rounds t (N−1) to a LongTensor step index."""
+INDEX_MAPS: tuple[str, ...] = ("score_sde", "alpha_bar")
+
+def eps_model_steps(sde: VPSDE, t: Tensor, index_map: str = "score_sde") -> Tensor:
+    """The fractional step index (B,) at which a DDPM ε-network trained on `sde`'s N-step chain is asked about times
+    t (B,). 'score_sde': score_sde_pytorch's t (N−1). 'alpha_bar': the step whose ᾱ is s(t)², so that the network sees
+    its own noise level σ(t) (log ᾱ interpolated linearly between steps; step −1 is the data, ᾱ = 1)."""
+    if index_map not in INDEX_MAPS: raise ConfigError(f"index_map={index_map!r}: expected one of {', '.join(INDEX_MAPS)}")
+    if index_map == "score_sde": return t * (sde.N - 1)
+    neg_log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), -torch.log(sde.alpha_bar)]).to(t.device)  # steps −1 … N−1
+    v = sde.beta_integral(t.double())                                   # −log s(t)², the same quantity in continuous time
+    hi = torch.searchsorted(neg_log_ab, v).clamp(1, sde.N)
+    lo = hi - 1
+    steps = lo - 1 + (v - neg_log_ab[lo]) / (neg_log_ab[hi] - neg_log_ab[lo])
+    return steps.clamp(max=sde.N - 1).to(t.dtype)
+
+def score_fn_from_eps_fn(eps_fn: EpsFn, sde: VPSDE, integer_steps: bool = False, index_map: str = "score_sde") -> ScoreFn:
+    """The score s(x, t) = −ε(x, i(t)) / σ(t) of a DDPM ε-function trained on `sde`'s N-step chain, with the step
+    i(t) of `eps_model_steps` (`index_map`; score_sde_pytorch's t (N−1) by default). t: (B,) float times;
+    `integer_steps` rounds i(t) to a LongTensor step index (at least 0)."""
     if not isinstance(sde, VPSDE):
         raise ConfigError(f"sde: a DDPM ε-model is a score model of the VP SDE (VPSDE.from_schedule), got {type(sde).__name__}")
+    eps_model_steps(sde, torch.zeros(1), index_map)                     # checks index_map now, not at the first call
     def score_fn(x: Tensor, t: Tensor) -> Tensor:
-        steps = t * (sde.N - 1)
-        eps = eps_fn(x, steps.round().long() if integer_steps else steps)
+        steps = eps_model_steps(sde, t, index_map)
+        eps = eps_fn(x, steps.round().long().clamp(min=0) if integer_steps else steps)
         return -eps / _bcast(sde.marginal_coefs(t)[1], x)
     return score_fn
 
-def score_fn_from_eps_model(model: Callable, sde: VPSDE, precision: str = "float32", prediction: str = "eps", **kw) -> ScoreFn:
+def score_fn_from_eps_model(model: Callable, sde: VPSDE, precision: str = "float32", prediction: str = "eps",
+                            index_map: str = "score_sde", **kw) -> ScoreFn:
     """`score_fn_from_eps_fn` for a network `model(x_t, t)` (see `skindiff.samplers.eps_fn_from_model` for `precision`,
     `prediction` and `kw`); x0 and v networks are converted through the schedule, so they are called at integer steps."""
     eps_fn = eps_fn_from_model(model, prediction=prediction, precision=precision, **kw)
-    return score_fn_from_eps_fn(eps_fn, sde, integer_steps=prediction != "eps")
+    return score_fn_from_eps_fn(eps_fn, sde, integer_steps=prediction != "eps", index_map=index_map)
 
 class CountedScore:
     "A `score_fn` that counts its calls (`.calls`, the NFE) and checks that each output has the shape of x."

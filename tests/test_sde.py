@@ -12,7 +12,7 @@ from skindiff.samplers import gaussian_eps_fn
 from skindiff.sde import (CORRECTORS, PREDICTORS, VPSDE, SubVPSDE, VESDE, CountedScore, GaussianMixture, Predictor,
                           bits_per_dim, dequantize, divergence, dsm_loss, edm_sigmas, euler_maruyama_sample, get_corrector,
                           get_predictor, heun_sample, likelihood_bpd, ode_log_likelihood, ode_sample, pc_sample,
-                          register_predictor, reverse_diffusion_sample, score_fn_from_eps_fn)
+                          register_predictor, reverse_diffusion_sample, score_fn_from_eps_fn, eps_model_steps)
 
 torch.set_num_threads(2)
 N_SE = 5                                   # Monte-Carlo tolerance, in standard errors
@@ -381,3 +381,35 @@ def test_divergence_exact_and_hutchinson():
     assert torch.allclose(divergence(fn, x, None, None)[1], torch.full((5,), 4.0, **F64))
     v = torch.tensor([[1.0, -1.0]] * 5, **F64)
     assert torch.allclose(divergence(fn, x, None, v)[1], torch.full((5,), 4.0 - 1.5, **F64))   # vᵀAv = 1 − 2 + 0.5 + 3
+
+
+def test_eps_model_steps_alpha_bar_inverts_the_chain():
+    "index_map='alpha_bar' puts step i at the time where s(t)² = ᾱ_i; score_sde's t (N−1) lies one to three steps later."
+    sde = VPSDE.from_schedule(get_schedule("linear", 1000))
+    i = torch.tensor([0, 1, 5, 100, 500, 999])
+    t = sde.t_from_beta_integral(-torch.log(sde.alpha_bar[i]))
+    assert torch.allclose(eps_model_steps(sde, t, "alpha_bar"), i.double(), atol=1e-9)
+    late = eps_model_steps(sde, t) - i
+    assert late.min() > 0.5 and late.max() < 4, late
+    tt = torch.linspace(0, 1, 1001, **F64)
+    s = eps_model_steps(sde, tt, "alpha_bar")
+    assert s[0] == -1 and (s.diff() > 0).all() and s[-1] <= 999          # t = 0 is the data, "step −1"
+    assert eps_model_steps(sde, tt.float(), "alpha_bar").dtype == torch.float32
+    with pytest.raises(ConfigError, match="index_map='nearest'"):
+        score_fn_from_eps_fn(lambda x, t: x, sde, index_map="nearest")
+
+
+def test_score_from_eps_fn_alpha_bar_is_exact_on_steps():
+    "With index_map='alpha_bar', chapter 07's exact ε* read at the time of step i is the exact score; score_sde's map is not."
+    sch = get_schedule("linear", 1000)
+    sde = VPSDE.from_schedule(sch)
+    mu, s = 0.5, 0.3
+    oracle = GaussianMixture([[mu, mu]], [[[s * s, 0.0], [0.0, s * s]]])
+    exact_map = score_fn_from_eps_fn(gaussian_eps_fn(mu, s, sch), sde, integer_steps=True, index_map="alpha_bar")
+    sde_map = score_fn_from_eps_fn(gaussian_eps_fn(mu, s, sch), sde, integer_steps=True)
+    x = torch.randn(200, 2, **F64)
+    for i in (0, 3, 100, 700):
+        tt = sde.t_from_beta_integral(-torch.log(sde.alpha_bar[i])).expand(200)
+        exact = oracle.score(x, sde, tt)
+        assert ((exact_map(x, tt) - exact).norm() / exact.norm()).item() < 1e-6, i   # the schedule holds float32 ᾱ
+        if i == 0: assert ((sde_map(x, tt) - exact).norm() / exact.norm()).item() > 0.3   # σ_1/σ_0 ≈ 1.42
