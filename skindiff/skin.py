@@ -226,7 +226,7 @@ PH2_TABLE = "PH2_dataset.txt"                 # the official release's label tab
 PH2_IMAGES = "PH2 Dataset images"             # ... and its image folder, one sub-folder per case
 PH2_CLINICAL_CODES: dict[str, str] = {"0": "common_nevus", "1": "atypical_nevus", "2": "melanoma"}
 PH2_TO_SKIN: dict[str, str] = {"common_nevus": "nv", "atypical_nevus": "nv", "melanoma": "mel"}
-_PH2_HEADER = {"name": "image_id", "histological diagnosis": "histological_diagnosis", "clinical diagnosis": "ph2_class"}
+_PH2_HEADER = ("name", "histological diagnosis", "clinical diagnosis")   # the table's columns we read, lower case
 
 def parse_ph2_table(path: str | os.PathLike) -> pd.DataFrame:
     """The official `PH2_dataset.txt`, rows like `|| IMD003 ||  || 0 || ...`, → image_id, dx, ph2_class,
@@ -252,9 +252,7 @@ def parse_ph2_table(path: str | os.PathLike) -> pd.DataFrame:
     if not rows:
         raise SkinDataError(f"{path} has no PH2 case rows (lines like '|| IMD003 ||  || 0 || ...'); is it the official "
                             "PH2_dataset.txt?")
-    df = pd.DataFrame(rows, columns=["image_id", "ph2_class", "histological_diagnosis"])
-    dup = df["image_id"][df["image_id"].duplicated()]
-    if len(dup): raise SkinDataError(f"{path}: case(s) listed more than once: {sorted(set(dup))[:5]}")
+    df = pd.DataFrame(rows, columns=["image_id", "ph2_class", "histological_diagnosis"])   # read_ph2's _finish checks ids
     return df.assign(dx=df["ph2_class"].map(PH2_TO_SKIN))[["image_id", "dx", "ph2_class", "histological_diagnosis"]]
 
 def _ph2_official_table(root: Path) -> Path | None:
